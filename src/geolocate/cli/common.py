@@ -1,0 +1,29 @@
+"""Shared CLI plumbing: config options, one-line errors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+from rich.console import Console
+
+from ..config import Config, ConfigError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML/TOML config file")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override: section.key=value (repeatable)")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one clear error line and exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_config(config: Path | None, overrides: list[str] | None) -> Config:
+    try:
+        return Config.load(config, overrides or [])
+    except ConfigError as e:
+        fail(str(e))

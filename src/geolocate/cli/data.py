@@ -1,0 +1,89 @@
+"""Dataset commands: build-dataset, index, split."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
+
+
+def build_dataset(cfg, source: str) -> int:
+    """Run one source; print skipped inputs one line each; return the record count."""
+    from ..progress import progress_bar
+    from ..sources import get_source
+
+    try:
+        fn = get_source(source)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    total = cfg.source.earth.count if source == "earth" else None
+    out_dir = Path(cfg.paths.data_dir) / "raw" / source
+    try:
+        with progress_bar(f"build-dataset ({source})", total) as advance:
+            result = fn(cfg, out_dir, advance)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    for s in result.skipped:
+        err_console.print(f"[yellow]skipped:[/] {s.path}: {s.reason}", highlight=False, soft_wrap=True)
+    out_console.print(f"{source}: {len(result.records)} images recorded, {len(result.skipped)} skipped")
+    return len(result.records)
+
+
+def build_index_cmd(cfg) -> dict:
+    from ..index import build_index
+
+    try:
+        stats = build_index(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    out_console.print(f"index: {stats['images']} images in {stats['cells']} cells "
+                      f"(per cell min {stats['per_cell']['min']}, median {stats['per_cell']['median']:.0f}, max {stats['per_cell']['max']}; "
+                      f"dropped {stats['dropped_small_cells']} in small cells) -> {Path(cfg.paths.data_dir) / 'index'}")
+    return stats
+
+
+def split_cmd(cfg) -> dict:
+    from ..index import make_splits
+
+    try:
+        counts = make_splits(cfg)
+    except FileNotFoundError as e:
+        fail(str(e))
+    out_console.print("split: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("build-dataset")
+    def build_dataset_command(
+        source: Annotated[str, typer.Option("--source", help="earth | folder | manifest | mapillary")] = "earth",
+        path: Annotated[Optional[Path], typer.Option("--path", help="folder of photos (folder) or CSV/parquet (manifest)")] = None,
+        count: Annotated[Optional[int], typer.Option("--count", help="earth: number of patches")] = None,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        index: Annotated[bool, typer.Option("--index/--no-index", help="rebuild the index and splits afterwards")] = False,
+    ):
+        """Acquire images from a source and record them under data/records/."""
+        overrides = list(set_ or [])
+        if path is not None:
+            overrides.append(f"source.{source}.path={path}")
+        if count is not None:
+            overrides.append(f"source.earth.count={count}")
+        cfg = load_config(config, overrides)
+        cfg.source.name = source
+        build_dataset(cfg, source)
+        if index:
+            build_index_cmd(cfg)
+            split_cmd(cfg)
+
+    @app.command("index")
+    def index_command(config: ConfigOpt = None, set_: SetOpt = None):
+        """Rebuild data/index/ (images.parquet, labels.json, stats.json, coverage.png) from all records."""
+        build_index_cmd(load_config(config, set_))
+
+    @app.command("split")
+    def split_command(config: ConfigOpt = None, set_: SetOpt = None):
+        """Sequence-aware train/val/test split (data/index/splits.parquet)."""
+        split_cmd(load_config(config, set_))

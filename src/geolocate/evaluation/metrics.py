@@ -1,0 +1,67 @@
+"""Geolocation metrics (definitions in DESIGN.md).
+
+- distances: haversine, R = 6371.0088 km
+- accuracy within r km counts d <= r, for r in 1, 25, 200, 750, 2500
+- GeoScore = mean of 5000 * exp(-d / 1492.7)
+- top-k accuracy over cell classes
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..geo import haversine_km, place_names
+
+THRESHOLDS_KM = (1, 25, 200, 750, 2500)
+GEOSCORE_SCALE_KM = 1492.7
+
+
+def geoscore(d_km) -> float:
+    d = np.asarray(d_km, dtype=np.float64)
+    return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM))) if d.size else float("nan")
+
+
+def distance_metrics(d_km) -> dict:
+    d = np.asarray(d_km, dtype=np.float64)
+    if d.size == 0:
+        return {"n": 0}
+    out = {
+        "n": int(d.size),
+        "mean_km": float(d.mean()),
+        "median_km": float(np.median(d)),
+        "p90_km": float(np.percentile(d, 90)),
+        "p95_km": float(np.percentile(d, 95)),
+    }
+    for r in THRESHOLDS_KM:
+        out[f"acc_{r}km"] = float((d <= r).mean())
+    out["geoscore"] = geoscore(d)
+    return out
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose label is among the k highest scores."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return float("nan")
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def country_accuracy(true_lat, true_lon, pred_lat, pred_lon) -> float:
+    """Share of predictions in the same country as the truth (nearest GeoNames place)."""
+    if len(true_lat) == 0:
+        return float("nan")
+    t = place_names(zip(true_lat, true_lon))
+    p = place_names(zip(pred_lat, pred_lon))
+    return float(np.mean([a["cc"] == b["cc"] for a, b in zip(t, p)]))
+
+
+def evaluate(scores: np.ndarray, labels: np.ndarray, true_lat, true_lon, pred_lat, pred_lon, countries: bool = True) -> dict:
+    """All metrics for one prediction set: class scores (N, C) plus predicted coordinates."""
+    d = haversine_km(true_lat, true_lon, pred_lat, pred_lon)
+    out = {"top1_acc": topk_accuracy(scores, labels, 1), "top5_acc": topk_accuracy(scores, labels, 5)}
+    out.update(distance_metrics(d))
+    if countries:
+        out["country_acc"] = country_accuracy(true_lat, true_lon, pred_lat, pred_lon)
+    return out

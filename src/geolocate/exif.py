@@ -1,0 +1,81 @@
+"""EXIF metadata: GPS position, capture time, camera make (Pillow only)."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from PIL import ExifTags, Image
+
+_GPS_IFD = ExifTags.IFD.GPSInfo
+_EXIF_IFD = ExifTags.IFD.Exif
+
+
+def _rational(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError, ZeroDivisionError):
+        num, den = x
+        return float(num) / float(den)
+
+
+def _dms(value, ref) -> float | None:
+    try:
+        if isinstance(value, (int, float)):
+            deg = float(value)
+        else:
+            parts = [_rational(v) for v in value]
+            deg = parts[0] + (parts[1] if len(parts) > 1 else 0) / 60 + (parts[2] if len(parts) > 2 else 0) / 3600
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    if isinstance(ref, bytes):
+        ref = ref.decode("ascii", "ignore")
+    if str(ref).strip().upper()[:1] in ("S", "W"):
+        deg = -deg
+    return deg
+
+
+def _bare_tiff_app1(im: Image.Image) -> Image.Exif:
+    """Some cameras write an APP1 segment with the TIFF header but no 'Exif\\0\\0' prefix."""
+    exif = Image.Exif()
+    for marker, data in getattr(im, "applist", []):
+        if marker == "APP1" and data[:4] in (b"MM\x00*", b"II*\x00"):
+            exif.load(data)
+            break
+    return exif
+
+
+def read_exif(path: str | Path) -> dict:
+    """Return {'lat', 'lon', 'captured_at', 'make', 'heading'}; missing values are None.
+
+    Never raises for a readable image whose EXIF is absent or malformed.
+    """
+    out: dict = {"lat": None, "lon": None, "captured_at": None, "make": None, "heading": None}
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+            if not exif:
+                exif = _bare_tiff_app1(im)
+            gps = exif.get_ifd(_GPS_IFD) if exif else {}
+            sub = exif.get_ifd(_EXIF_IFD) if exif else {}
+    except Exception:
+        return out
+    if gps:
+        lat = _dms(gps.get(2), gps.get(1, "N")) if 2 in gps else None
+        lon = _dms(gps.get(4), gps.get(3, "E")) if 4 in gps else None
+        if lat is not None and lon is not None and -90 <= lat <= 90 and -180 <= lon <= 180 and not (lat == 0 and lon == 0):
+            out["lat"], out["lon"] = round(lat, 7), round(lon, 7)
+        if 17 in gps:
+            try:
+                out["heading"] = _rational(gps[17])
+            except Exception:
+                pass
+    stamp = sub.get(36867) or exif.get(306) if exif else None
+    if isinstance(stamp, str):
+        try:
+            out["captured_at"] = dt.datetime.strptime(stamp.strip()[:19], "%Y:%m:%d %H:%M:%S").isoformat()
+        except ValueError:
+            pass
+    make = exif.get(271) if exif else None
+    if isinstance(make, str) and make.strip("\x00 "):
+        out["make"] = make.strip("\x00 ")
+    return out

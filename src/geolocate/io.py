@@ -1,0 +1,179 @@
+"""Atomic file writes and safe image decoding: the one place for both.
+
+Every file the pipeline writes goes through ``atomic_write``: the bytes land in
+a temporary file in the same directory, are fsynced, then renamed over the
+target, so a crash never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Decoded images above this many pixels are refused (decompression-bomb guard).
+MAX_IMAGE_PIXELS = 64_000_000
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic"})
+
+
+class ImageError(ValueError):
+    """An input file that cannot be used as an image; the message names the file."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any], suffix: str = "") -> Path:
+    """Run ``writer(tmp_path)`` and atomically move the result to ``path``."""
+    with atomic_path(path, suffix=suffix) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_parquet(path: str | os.PathLike, table: Any) -> Path:
+    """Write a polars DataFrame or pyarrow Table atomically."""
+    import pyarrow.parquet as pq
+
+    def _w(tmp: Path) -> None:
+        if hasattr(table, "write_parquet"):
+            table.write_parquet(tmp)
+        else:
+            pq.write_table(table, tmp)
+
+    return atomic_write(path, _w, suffix=".parquet")
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_image(source: str | os.PathLike | bytes | Image.Image, name: str | None = None, draft: int | None = None) -> Image.Image:
+    """Decode an image to 8-bit RGB with EXIF orientation applied.
+
+    Handles CMYK, 16-bit, palette, alpha and grayscale inputs. Raises
+    :class:`ImageError` naming the file for zero-byte, truncated, corrupt,
+    non-image or oversized (decompression bomb) inputs. ``draft`` lets a
+    JPEG decode at a reduced scale no smaller than that many pixels a side.
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(source)
+    return _to_rgb(_decode(source, name, draft=(draft, draft) if draft else None))
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, int]:
+    """Cheaply prove a file decodes (JPEG draft mode); return its size or raise ImageError."""
+    return _decode(path, None, draft=(256, 256)).size
+
+
+def _decode(source: str | os.PathLike | bytes, name: str | None, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Open and fully decode, mapping every failure to one ImageError line."""
+    label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise ImageError(f"{label}: empty file (0 bytes)")
+            fh: Any = io.BytesIO(source)
+        else:
+            p = Path(source)
+            if not p.is_file():
+                raise ImageError(f"{label}: no such file")
+            if p.stat().st_size == 0:
+                raise ImageError(f"{label}: empty file (0 bytes)")
+            fh = open(p, "rb")
+        with fh, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(fh)
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{label}: {w}x{h} pixels exceeds the {MAX_IMAGE_PIXELS:,} pixel limit (decompression bomb?)")
+            if draft:
+                im.draft("RGB", draft)
+            im.load()
+            return im
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{label}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{label}: corrupt or truncated image ({e})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 0 else 1.0
+        im = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = (arr.min(), arr.max()) if arr.size else (0.0, 1.0)
+        im = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return im.convert("RGB") if im.mode != "RGB" else im
+

@@ -1,0 +1,65 @@
+"""A CSV or parquet manifest: path, lat, lon[, sequence_id][, view][, id].
+
+Relative paths are resolved against the manifest's folder. Rows sharing a
+``sequence_id`` stay in one split; multi-view rows (``view`` = N/E/S/W, as in
+street-view competitions) share the sequence of their location. Rows with a
+missing file or invalid coordinates are skipped and reported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from ..geo import valid_latlon
+from .base import ImageRecord, Skipped, SourceResult, register_source, save_source_records
+from .folder import stable_id
+
+REQUIRED = ("path", "lat", "lon")
+
+
+def read_manifest(path: Path) -> pl.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    if path.suffix.lower() == ".parquet":
+        df = pl.read_parquet(path)
+    else:
+        df = pl.read_csv(path, infer_schema_length=10000)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}")
+    return df
+
+
+@register_source("manifest")
+def build_manifest(cfg, out_dir: Path, progress=None) -> SourceResult:
+    mpath = Path(cfg.source.manifest.path)
+    if not cfg.source.manifest.path:
+        raise ValueError("manifest source needs source.manifest.path (CSV or parquet)")
+    df = read_manifest(mpath)
+    records, skipped = [], []
+    for row in df.iter_rows(named=True):
+        if progress:
+            progress(1)
+        p = Path(str(row["path"]))
+        if not p.is_absolute():
+            p = (mpath.parent / p)
+        try:
+            lat, lon = float(row["lat"]), float(row["lon"])
+        except (TypeError, ValueError):
+            skipped.append(Skipped(str(p), f"invalid coordinates lat={row['lat']!r} lon={row['lon']!r}"))
+            continue
+        if not valid_latlon(lat, lon):
+            skipped.append(Skipped(str(p), f"invalid coordinates lat={lat} lon={lon}"))
+            continue
+        if not p.is_file():
+            skipped.append(Skipped(str(p), "file not found"))
+            continue
+        rid = str(row["id"]) if row.get("id") not in (None, "") else stable_id("img", p)
+        seq = row.get("sequence_id")
+        records.append(ImageRecord(id=rid, path=str(p.resolve()), lat=lat, lon=lon,
+                                   sequence_id=str(seq) if seq not in (None, "") else rid, source="manifest",
+                                   view=str(row["view"]) if row.get("view") not in (None, "") else None))
+    result = SourceResult(records=records, skipped=skipped)
+    save_source_records(cfg, "manifest", result)
+    return result

@@ -1,0 +1,176 @@
+"""The training loop: a head over cached embeddings, then optional fine-tuning.
+
+Phase ``frozen`` trains the head on cached backbone features (fast on CPU).
+Phase ``finetune`` (``train.finetune_epochs > 0``) unfreezes the backbone and
+trains on images with the backbone at ``lr * finetune_lr_mult``. Both use
+AdamW, linear warmup then cosine decay per step, gradient clipping, early
+stopping on validation median km, and a full-state checkpoint after every
+epoch (``checkpoints/last.pt``) from which ``resume`` continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses as dc
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..geo import haversine_km
+from ..io import atomic_write
+from ..progress import progress_bar
+from .losses import LOSSES, LossContext, class_weights_from_counts
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dc.dataclass
+class Split:
+    """One split's inputs: features (or image paths for fine-tuning), labels, true positions."""
+    labels: torch.Tensor
+    lat: torch.Tensor
+    lon: torch.Tensor
+    feats: torch.Tensor | None = None
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda p: torch.save(state, p), suffix=".pt")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(warmup_steps, 1)
+        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg, class_lat: np.ndarray, class_lon: np.ndarray, train_counts: np.ndarray, ckpt_dir: Path,
+                 on_epoch: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.class_lat = torch.as_tensor(class_lat, dtype=torch.float64)
+        self.class_lon = torch.as_tensor(class_lon, dtype=torch.float64)
+        cw = class_weights_from_counts(torch.as_tensor(train_counts)) if self.tc.class_weights else None
+        self.ctx = LossContext(self.class_lat, self.class_lon, cw, self.tc.geo_tau_km, self.tc.geo_mix_ce)
+        self.loss_fn = LOSSES[self.tc.loss]
+        self.ckpt_dir = Path(ckpt_dir)
+        self.on_epoch = on_epoch or (lambda row: None)
+
+    # ---- evaluation on a split ------------------------------------------------
+    def val_metrics(self, logits: torch.Tensor, split: Split) -> dict:
+        pred = logits.argmax(1)
+        d = haversine_km(split.lat.numpy(), split.lon.numpy(), self.class_lat[pred].numpy(), self.class_lon[pred].numpy())
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        return {
+            "val_loss": float(self.loss_fn(logits, split.labels, split.lat, split.lon, self.ctx)),
+            "val_top1": float((pred == split.labels).float().mean()),
+            "val_top5": float((top5 == split.labels[:, None]).any(1).float().mean()),
+            "val_median_km": float(np.median(d)),
+        }
+
+    # ---- phases ----------------------------------------------------------------
+    def fit_head(self, head: nn.Module, train: Split, val: Split, resume: dict | None = None) -> dict:
+        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            g = torch.Generator().manual_seed(self.tc.seed * 1000 + epoch)
+            perm = torch.randperm(len(train), generator=g)
+            for s in range(0, len(train), self.tc.batch_size):
+                idx = perm[s:s + self.tc.batch_size]
+                yield train.feats[idx], idx
+
+        @torch.no_grad()
+        def evaluate() -> torch.Tensor:
+            head.eval()
+            return head(val.feats)
+
+        opt = torch.optim.AdamW(head.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        return self._run("frozen", self.tc.epochs, head, opt, batches, train, val, evaluate, resume)
+
+    def fit_finetune(self, model: nn.Module, train: Split, val: Split, embed: Callable[[nn.Module, list[str], bool], torch.Tensor],
+                     resume: dict | None = None, history: list | None = None) -> dict:
+        """``embed(model, paths, augment)`` returns the preprocessed image batch; ``history`` continues the frozen phase's."""
+        for p in model.backbone.parameters():
+            p.requires_grad_(True)
+
+        def batches(epoch: int):
+            g = torch.Generator().manual_seed(self.tc.seed * 1000 + 500 + epoch)
+            perm = torch.randperm(len(train), generator=g)
+            for s in range(0, len(train), self.tc.batch_size):
+                idx = perm[s:s + self.tc.batch_size]
+                yield embed(model, [train.paths[i] for i in idx], self.tc.augment), idx
+
+        @torch.no_grad()
+        def evaluate() -> torch.Tensor:
+            model.eval()
+            return torch.cat([model(embed(model, val.paths[s:s + 64], False)) for s in range(0, len(val), 64)])
+
+        opt = torch.optim.AdamW([
+            {"params": model.head.parameters(), "lr": self.tc.lr},
+            {"params": model.backbone.parameters(), "lr": self.tc.lr * self.tc.finetune_lr_mult},
+        ], weight_decay=self.tc.weight_decay)
+        return self._run("finetune", self.tc.finetune_epochs, model, opt, batches, train, val, evaluate, resume, history)
+
+    def _run(self, phase: str, epochs: int, module: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
+             history: list | None = None) -> dict:
+        steps_per_epoch = max(1, math.ceil(len(train) / self.tc.batch_size))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, self.tc.warmup_epochs * steps_per_epoch))
+        state = {"phase": phase, "epoch": 0, "best_km": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": list(history or []), "best_state": None}
+        if resume and resume.get("phase") == phase:
+            module.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            state.update({k: resume[k] for k in ("epoch", "best_km", "best_epoch", "bad_epochs", "history", "best_state")})
+            torch.set_rng_state(resume["torch_rng"])
+        with progress_bar(f"train ({phase})", epochs) as advance:
+            advance(state["epoch"])
+            for epoch in range(state["epoch"] + 1, epochs + 1):
+                if state["bad_epochs"] >= self.tc.patience:
+                    break
+                t0 = time.time()
+                module.train()
+                total, count = 0.0, 0
+                for x, idx in batches(epoch):
+                    logits = module(x)
+                    loss = self.loss_fn(logits, train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.tc.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(module.parameters(), self.tc.grad_clip)
+                    opt.step()
+                    sched.step()
+                    total += float(loss) * len(idx)
+                    count += len(idx)
+                row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(evaluate(), val),
+                       "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
+                state["history"].append(row)
+                if row["val_median_km"] < state["best_km"] - 1e-9:
+                    state.update(best_km=row["val_median_km"], best_epoch=epoch, bad_epochs=0,
+                                 best_state={k: v.detach().clone() for k, v in module.state_dict().items()})
+                else:
+                    state["bad_epochs"] += 1
+                state["epoch"] = epoch
+                save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
+                                                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
+                self.on_epoch(row)
+                advance(1, description=f"train ({phase}) val median {row['val_median_km']:.0f} km")
+        if state["best_state"] is not None:
+            module.load_state_dict(state["best_state"])
+        return state
