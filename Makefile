@@ -29,7 +29,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
 
 download: setup
-	$(GEO) download $(ARGS)
+	$(GEO) download --config $(CONFIG) $(ARGS)
 
 rebuild: setup
 	$(GEO) index --config $(CONFIG)
@@ -51,7 +51,7 @@ loop: setup
 	for f in cities/batch_*.csv; do $(GEO) batch $$f --config $(CONFIG) || exit 1; done
 
 clean-raw: setup
-	$(GEO) clean-raw
+	$(GEO) clean-raw --config $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,12 +8,12 @@ served each thumbnail in full at most once (no duplicate download).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -26,7 +26,7 @@ from fakes.mapillary_server import DEFAULT_BBOX, TOKEN, FakeMapillary, Faults, m
 
 from geolocate.config import Config, MapillaryConfig  # noqa: E402
 from geolocate.io import ImageError, load_image  # noqa: E402
-from geolocate.sources.base import ImageRecord, append_records, read_records  # noqa: E402
+from geolocate.sources.base import ImageRecord, read_records  # noqa: E402
 from geolocate.sources.mapillary import (Area, AreaError, AuthError, Ledger, LockedError, OptionError, Options,  # noqa: E402
                                          TokenBucket, areas_from_config, download, find_city, read_cities_csv)
 from geolocate.sources.mapillary.areas import bbox_area, circle_bbox, parse_bbox  # noqa: E402
@@ -92,6 +92,7 @@ def check_dataset(data_dir: Path, srv: FakeMapillary, expected: set[str], refetc
     with Ledger(data_dir / "state" / "mapillary.sqlite") as led:
         done = {r["id"] for r in led.done_rows()}
     counts = {"expected": len(expected), "on_disk": len(on_disk), "corrupt": corrupt, "duplicated": len(served_twice) + duplicated_records}
+    print(f"dataset counts: {counts}")      # shown with pytest -s
     assert on_disk == expected, (len(on_disk), len(expected))
     assert corrupt == 0
     assert set(rec_ids) == expected and duplicated_records == 0
@@ -129,6 +130,9 @@ def test_download_matches_the_api_and_records_are_right(fake, tmp_path):
         assert Path(r.path) == tmp_path / "raw" / "mapillary" / f"{im.id}.jpg"
         assert Path(r.path).read_bytes() == srv.jpeg(im.id)
     assert 0 < n_computed < 103
+    # expiring thumbnail URLs are never stored
+    for f in (tmp_path / "records" / "mapillary.jsonl", tmp_path / "state" / "mapillary.sqlite"):
+        assert b"/thumbs/" not in f.read_bytes() and b"sig=" not in f.read_bytes()
 
 
 def test_rerun_downloads_nothing_and_lists_nothing(fake, tmp_path):
@@ -155,7 +159,7 @@ def test_quota_429_waits_retry_after_then_resumes(fake, tmp_path):
 def test_quota_429_without_retry_after_backs_off(fake, tmp_path):
     srv = fake(Faults(rate_limit=4))
     stats = run(srv, tmp_path)
-    assert stats.quota_waits == 4 and 0 < stats.quota_wait_s <= 4 * 0.01 + 1e-9   # backoff, capped by backoff_max_s
+    assert stats.quota_waits == 4 and 0 < stats.quota_wait_s <= 4 * (0.01 + 0.001)   # backoff (capped) + jitter
     check_dataset(tmp_path, srv, srv.ids(is_pano=False))
 
 
@@ -301,6 +305,21 @@ def test_file_on_disk_without_ledger_row_is_adopted_not_downloaded(fake, tmp_pat
     stats = run(srv, tmp_path)
     assert stats.adopted == 5 and stats.downloaded == 98
     assert all(srv.thumb_requests[i] == 0 for i in ids)
+    check_dataset(tmp_path, srv, srv.ids(is_pano=False))
+
+
+def test_ctrl_c_does_not_wait_out_backoffs_and_keeps_images_pending(fake, tmp_path):
+    srv = fake(Faults(thumb_errors=[503] * 10_000))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run(srv, tmp_path, backoff_s=5.0, backoff_max_s=5.0)   # every worker sleeps 5 s between tries
+    assert time.monotonic() - t0 < 3.0
+    with Ledger(tmp_path / "state" / "mapillary.sqlite") as led:
+        assert led.count("failed") == 0 and led.count("done") == 0 and 0 < led.count("listed") <= 103
+    srv.faults.thumb_errors = []
+    assert run(srv, tmp_path).downloaded == 103
     check_dataset(tmp_path, srv, srv.ids(is_pano=False))
 
 

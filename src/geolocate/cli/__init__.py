@@ -12,7 +12,7 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Predict where a photo was taken: build data, train, evaluate, predict, serve.")
 
-_MODULES = ["data", "train", "predict", "mapillary"]
+_MODULES = ["data", "train", "predict", "mapillary", "runs", "serve"]
 
 for _name in _MODULES:
     importlib.import_module(f"{__name__}.{_name}").register(app)

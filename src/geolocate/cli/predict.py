@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .common import err_console, fail, out_console
+
+
+class Engine(str, Enum):
+    """Inference engines of :class:`geolocate.serving.Geolocator`."""
+    torch = "torch"
+    onnx = "onnx"
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -23,7 +30,8 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = False, truths=None, batch_size: int = 32) -> tuple[int, int]:
+def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = False, truths=None, batch_size: int = 32,
+                  engine: str = "torch") -> tuple[int, int]:
     """Print predictions; return (ok, failed) counts."""
     from rich.table import Table
 
@@ -31,8 +39,8 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
     from ..serving import Geolocator
 
     try:
-        geo = Geolocator.from_pretrained(model)
-    except (FileNotFoundError, ValueError) as e:
+        geo = Geolocator.from_pretrained(model, engine=getattr(engine, "value", engine))
+    except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
     ok = bad = 0
     with progress_bar("predict", len(paths)) if len(paths) > 1 else _null() as advance:
@@ -81,6 +89,8 @@ def register(app: typer.Typer) -> None:
         true_lon: Annotated[Optional[float], typer.Option("--true-lon", help="known longitude (single image)")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="one JSON object per image")] = False,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+        engine: Annotated[Engine, typer.Option("--engine", case_sensitive=False,
+                                               help="torch (PyTorch eager) or onnx (ONNX Runtime; exports <model>.onnx on first use)")] = Engine.torch,
     ):
         """Top-k H3 cells with place names, predicted lat/lon, confidence, km error when the truth is known."""
         paths = expand_inputs(inputs)
@@ -93,7 +103,7 @@ def register(app: typer.Typer) -> None:
             if not (-90 <= true_lat <= 90 and -180 <= true_lon <= 180):
                 fail(f"invalid --true-lat/--true-lon {true_lat}, {true_lon}")
             truths = [(true_lat, true_lon)] * len(paths)
-        ok, bad = predict_paths(model, paths, top_k, json_out, truths, batch_size)
+        ok, bad = predict_paths(model, paths, top_k, json_out, truths, batch_size, engine.value)
         if ok == 0:
             raise typer.Exit(1)
 

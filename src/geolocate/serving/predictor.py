@@ -10,6 +10,7 @@ or given — the error in km. Unreadable inputs give a Prediction with
 from __future__ import annotations
 
 import dataclasses as dc
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -21,7 +22,9 @@ from PIL import Image
 from ..exif import read_exif
 from ..geo import haversine_km
 from ..io import ImageError, load_image
-from ..models import load_model
+from ..models import Preprocess, load_model
+
+ENGINES = ("torch", "onnx")
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -53,39 +56,104 @@ class Prediction:
 
 
 class Geolocator:
-    def __init__(self, model: torch.nn.Module, info: dict):
-        self.model = model.eval()
+    """Model + labels + preprocessing behind one ``engine`` (PyTorch eager or ONNX Runtime).
+
+    The engine's ``probabilities(batch) -> (B, C) ndarray`` is the only place the
+    network runs; engines serialise their own calls, so one Geolocator can be
+    shared by every thread of a server.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, info: dict, engine=None, path: str | Path | None = None):
+        from .export import TorchEngine
+
+        if engine is None:
+            if model is None:
+                raise ValueError("Geolocator needs a model or an engine")
+            engine = TorchEngine(model)
+        self.engine = engine
+        self.model = model.eval() if model is not None else None
         self.info = info
+        self.path = Path(path) if path is not None else None
         self.classes = info["labels"]["classes"]
         self.class_lat = np.array([c["lat"] for c in self.classes])
         self.class_lon = np.array([c["lon"] for c in self.classes])
-        self.preprocess = model.preprocess
+        if model is not None:
+            self.preprocess = model.preprocess
+        else:
+            pp = info["preprocess"]
+            self.preprocess = Preprocess(int(pp["size"]), tuple(pp["mean"]), tuple(pp["std"]))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = "models/best.pt") -> "Geolocator":
+    def from_pretrained(cls, path: str | Path = "models/best.pt", engine: str = "torch",
+                        onnx_path: str | Path | None = None, threads: int | None = None) -> "Geolocator":
+        """Load a model file. ``engine="onnx"`` runs it with ONNX Runtime from ``<model>.onnx``
+        (exported next to the model on first use, and again whenever the model changes);
+        a path ending in ``.onnx`` is served by ONNX Runtime alone."""
+        from .export import OnnxEngine, onnx_engine_for
+
+        path = Path(path)
+        engine = str(getattr(engine, "value", engine)).lower()
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        if path.suffix.lower() == ".onnx":
+            if not path.is_file():
+                raise FileNotFoundError(f"model file {path} does not exist")
+            eng = OnnxEngine(path, threads)
+            if eng.info is None:
+                raise ValueError(f"{path}: an ONNX file without geolocate metadata (export it with `geolocate export-onnx`)")
+            return cls(None, eng.info, engine=eng, path=path)
         model, info = load_model(path)
-        return cls(model, info)
+        if engine == "onnx":
+            eng = onnx_engine_for(model, info, path, Path(onnx_path) if onnx_path else None, threads)
+            return cls(None, info, engine=eng, path=path)
+        return cls(model, info, path=path)
+
+    @property
+    def engine_name(self) -> str:
+        return getattr(self.engine, "name", type(self.engine).__name__)
+
+    def model_card(self) -> dict:
+        """What the model is, what it was trained on and how well it did (for /model and reports)."""
+        meta = self.info.get("meta", {}) or {}
+        labels = self.info["labels"]
+        return {
+            "backbone": self.info.get("backbone"),
+            "engine": self.engine_name,
+            "num_classes": int(labels.get("num_classes", len(self.classes))),
+            "h3_resolution": labels.get("h3_resolution"),
+            "preprocess": dict(self.info.get("preprocess", {})),
+            "run_id": meta.get("run_id"),
+            "training_data": {k: meta.get(k) for k in ("sources", "images", "dataset_fingerprint")},
+            "metrics": meta.get("metrics", {}),
+            "model_file": str(self.path) if self.path else None,
+        }
 
     # ---- core ---------------------------------------------------------------
-    @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        return torch.softmax(self.model(batch), dim=1).numpy()
+    def probabilities(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) preprocessed batch -> (B, C) class probabilities (softmax)."""
+        return self.engine.probabilities(batch)
 
-    def _prepare(self, item: ImageInput, truth: tuple[float, float] | None) -> tuple[np.ndarray | None, Prediction]:
-        name = str(item) if isinstance(item, (str, Path)) else ("<upload>" if isinstance(item, (bytes, bytearray)) else "<image>")
+    def _prepare(self, item: ImageInput, truth: tuple[float, float] | None, name: str | None = None) -> tuple[np.ndarray | None, Prediction]:
+        if name is None:
+            name = str(item) if isinstance(item, (str, Path)) else ("<upload>" if isinstance(item, (bytes, bytearray)) else "<image>")
         pred = Prediction(source=name)
         try:
-            im = load_image(item, draft=self.preprocess.size * 2)
+            im = load_image(item, name=name if isinstance(item, (bytes, bytearray)) else None, draft=self.preprocess.size * 2)
         except ImageError as e:
             pred.error = str(e)
             return None, pred
         if truth is not None:
             pred.true_lat, pred.true_lon = truth
-        elif isinstance(item, (str, Path)):
-            meta = read_exif(item)
+        elif isinstance(item, (str, Path, bytes, bytearray)):
+            meta = read_exif(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item)
             if meta["lat"] is not None:
                 pred.true_lat, pred.true_lon = meta["lat"], meta["lon"]
         return self.preprocess.image_to_array(im), pred
+
+    def predict_one(self, item: ImageInput, top_k: int = 5, name: str | None = None,
+                    truth: tuple[float, float] | None = None) -> Prediction:
+        """One image, decoded and run in the calling thread (what the HTTP server uses per request)."""
+        return next(self._run([self._prepare(item, truth, name)], top_k))
 
     def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int) -> Prediction:
         order = np.argsort(-probs)[:top_k]

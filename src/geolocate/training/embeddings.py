@@ -2,6 +2,7 @@
 
 The cache ``<cache_dir>/<backbone>.npz`` holds ids, a key per id (path,
 size, mtime) and features; only images whose key changed are recomputed.
+An image whose file is gone (``clean-raw``) keeps its cached features.
 Images are decoded and preprocessed on a thread pool while the model runs.
 """
 from __future__ import annotations
@@ -81,7 +82,8 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
     todo = []
     for j, (i, k) in enumerate(zip(ids_arr, keys)):
         hit = old.get(i)
-        if hit is not None and hit[0] == k:
+        # a file removed by `clean-raw` keeps its cached features, so later runs still use it
+        if hit is not None and (hit[0] == k or k == "missing"):
             feats[j] = hit[1]
         else:
             todo.append(j)

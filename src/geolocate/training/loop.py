@@ -156,7 +156,7 @@ class Trainer:
                         nn.utils.clip_grad_norm_(module.parameters(), self.tc.grad_clip)
                     opt.step()
                     sched.step()
-                    total += float(loss) * len(idx)
+                    total += loss.item() * len(idx)
                     count += len(idx)
                 row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(evaluate(), val),
                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..base import Skipped, SourceResult, read_records, records_dir, register_source
 from .areas import Area, AreaError, find_city, parse_bbox, read_cities_csv
 from .client import AuthError, MapillaryClient, MapillaryError, QuotaError, RetryPolicy, TokenBucket
-from .download import Downloader, Options, OptionError, RunStats, areas_from_config, download, token_from_env
+from .downloader import Downloader, Options, OptionError, RunStats, areas_from_config, download, token_from_env
 from .ledger import Ledger, LockedError
 
 __all__ = ["Area", "AreaError", "AuthError", "Downloader", "Ledger", "LockedError", "MapillaryClient", "MapillaryError",

@@ -69,6 +69,10 @@ class ExpiredURLError(MapillaryError):
     """A thumbnail URL that no longer works (signed URLs expire): ask the API for a fresh one."""
 
 
+class CancelledError(MapillaryError):
+    """The client was closed or cancelled (Ctrl-C) while this call waited."""
+
+
 @dc.dataclass
 class RetryPolicy:
     attempts: int = 6            # tries per call on 5xx / timeouts / broken bodies
@@ -176,7 +180,7 @@ class MapillaryClient:
 
     def __init__(self, token: str, base_url: str = "https://graph.mapillary.com", *, timeout_s: float = 30.0,
                  rate_limit_per_s: float = 10.0, retry: RetryPolicy | None = None, pool_size: int = 8,
-                 on_wait: WaitHook | None = None, sleep: Callable[[float], None] = time.sleep):
+                 on_wait: WaitHook | None = None, sleep: Callable[[float], None] | None = None):
         if not token or not token.strip():
             raise AuthError("no Mapillary access token: export MAPILLARY_ACCESS_TOKEN=MLY|... "
                             "(create a client token at https://www.mapillary.com/dashboard/developers)")
@@ -188,8 +192,9 @@ class MapillaryClient:
         self.on_wait = on_wait
         self.stats = ClientStats()
         self._stats_lock = threading.Lock()
-        self._sleep = sleep
-        self.bucket = TokenBucket(rate_limit_per_s, sleep=sleep)
+        self._cancelled = threading.Event()
+        self._sleep = sleep or self._wait_unless_cancelled
+        self.bucket = TokenBucket(rate_limit_per_s, sleep=self._sleep)
         limits = httpx.Limits(max_connections=pool_size + 4, max_keepalive_connections=pool_size + 4)
         timeout = httpx.Timeout(timeout_s)
         self._api = httpx.Client(headers={"Authorization": f"OAuth {token.strip()}", "User-Agent": USER_AGENT},
@@ -197,7 +202,20 @@ class MapillaryClient:
         # thumbnails live on a CDN: never send the token there
         self._cdn = httpx.Client(headers={"User-Agent": USER_AGENT}, timeout=timeout, limits=limits, follow_redirects=True)
 
+    def cancel(self) -> None:
+        """Wake every thread waiting on a backoff, the quota or the rate limit: they raise CancelledError."""
+        self._cancelled.set()
+
+    def _wait_unless_cancelled(self, seconds: float) -> None:
+        # in short slices: a Ctrl-C delivered to another thread only interrupts the
+        # main thread once it runs Python code again (quota waits can last minutes)
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self._cancelled.wait(min(left, 0.25)):
+                raise CancelledError("cancelled")
+
     def close(self) -> None:
+        self.cancel()
         self._api.close()
         self._cdn.close()
 
@@ -227,7 +245,8 @@ class MapillaryClient:
         def wait(rs: tenacity.RetryCallState) -> float:
             exc = rs.outcome.exception()
             if isinstance(exc, QuotaError) and exc.retry_after is not None:
-                return min(exc.retry_after, policy.quota_max_wait_s)
+                # as long as the server asks (never less than the first backoff, so "0" cannot make us hammer it)
+                return min(max(exc.retry_after, policy.backoff_s), policy.quota_max_wait_s)
             return float(jittered(rs))
 
         def before_sleep(rs: tenacity.RetryCallState) -> None:

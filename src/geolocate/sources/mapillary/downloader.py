@@ -30,6 +30,7 @@ from ...io import ImageError, load_image, write_bytes, write_json
 from ...progress import console, progress_bar
 from ..base import ImageRecord, append_records, read_records, records_dir, write_records
 from .areas import Area, AreaError, BBox, can_split, find_city, format_bbox, leaf_tiles, parse_bbox, read_cities_csv, split4
+from .client import CancelledError as ClientCancelled
 from .client import (LIST_FIELDS, THUMB_SIZES, AuthError, ExpiredURLError, MapillaryClient, MapillaryError, QuotaError,
                      RetryPolicy, thumb_field)
 from .ledger import Ledger, ListedImage, row_to_listed, row_to_record, run_lock
@@ -172,7 +173,8 @@ def areas_from_config(mc: Any) -> list[Area]:
     if mc.cities_csv:
         areas.extend(read_cities_csv(mc.cities_csv, default_radius_km=mc.radius_km))
     if not areas:
-        raise AreaError("nothing to download: give --bbox W,S,E,N, --city NAME or --batch cities/batch_01.csv")
+        raise AreaError("nothing to download: give --bbox W,S,E,N, --city NAME or --batch cities/batch_01.csv "
+                        "(config: source.mapillary.bbox, .city or .cities_csv)")
     return areas
 
 
@@ -365,7 +367,7 @@ class Downloader:
             msg = f"{self._label}: quota reached, waiting {seconds:.0f}s (HTTP 429)"
             self._advance(0, description=msg)
             if seconds >= 10:
-                console.print(f"[yellow]{msg}: {exc}[/]", highlight=False)
+                console.print(f"warning: {msg}: {exc}", markup=False, highlight=False, soft_wrap=True)
         else:
             self._advance(0, description=f"{self._label}: retrying in {seconds:.1f}s ({str(exc)[:60]})")
 
@@ -390,8 +392,11 @@ class Downloader:
                     self._do_area(area)
                     self.stats.areas += 1
                 self._do_pending()
+            except BaseException:
+                self.client.cancel()     # Ctrl-C or a fatal error: wake workers out of backoff/quota waits
+                raise
             finally:
-                # Ctrl-C or a fatal error: drop queued work, keep what finished
+                # drop queued work, let running downloads end, keep what finished
                 pool.shutdown(wait=True, cancel_futures=True)
                 self._drain(block=False, final=True)
                 self._flush(force=True)
@@ -550,8 +555,12 @@ class Downloader:
     def _drain(self, block: bool, one: bool = False, final: bool = False) -> None:
         """Handle finished downloads (main thread only: it owns the ledger)."""
         while self._inflight:
-            done, _ = wait(list(self._inflight), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            # short waits, not one long one: a Ctrl-C may land on a worker thread, and the
+            # main thread only raises KeyboardInterrupt once it runs Python code again
+            done, _ = wait(list(self._inflight), timeout=0.2 if block else 0, return_when=FIRST_COMPLETED)
             if not done:
+                if block:
+                    continue
                 return
             for fut in done:
                 image_id = self._inflight.pop(fut)
@@ -565,8 +574,8 @@ class Downloader:
         stats, ledger = self.stats, self._ledger
         try:
             res: Fetched = fut.result()
-        except CancelledError:
-            return
+        except (CancelledError, ClientCancelled):
+            return   # stopped by Ctrl-C or a fatal error: still pending, not failed
         except (AuthError, QuotaError) as e:
             if final:
                 return

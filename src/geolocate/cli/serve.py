@@ -1,0 +1,125 @@
+"""Serving and export commands: serve, export-onnx, export-torchscript, export, verify-snapshot."""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
+from .predict import Engine
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="model file (.pt)")]
+
+
+def _check_images(paths: list[Path] | None) -> list[Path] | None:
+    if not paths:
+        return None
+    from .predict import expand_inputs
+
+    found = expand_inputs(paths)
+    if not found:
+        fail("no images found in --check-images")
+    return found[:32]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_command(
+        model: ModelOpt = Path("models/best.pt"),
+        host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+        engine: Annotated[Engine, typer.Option("--engine", help="inference engine", case_sensitive=False)] = Engine.torch,
+        max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="largest accepted upload")] = 20.0,
+    ):
+        """HTTP API (POST /predict, GET /health, GET /model, docs at /docs) and a web page at /."""
+        import uvicorn
+
+        from ..serving import Geolocator
+        from ..serving.server import create_app
+
+        try:
+            geo = Geolocator.from_pretrained(model, engine=engine.value)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        try:
+            exposed = not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            exposed = host != "localhost"
+        if exposed:
+            err_console.print(f"[yellow]warning:[/] listening on {host}: the API has no authentication")
+        shown = f"[{host}]" if ":" in host else host
+        out_console.print(f"serving {model} ({engine.value}) on http://{shown}:{port}/  (API docs: /docs)")
+        uvicorn.run(create_app(geo, max_upload_mb=max_upload_mb), host=host, port=port, log_level="info")
+
+    @app.command("export-onnx")
+    def export_onnx_command(
+        model: ModelOpt = Path("models/best.pt"),
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output file (default: the model path with .onnx)")] = None,
+        check: Annotated[bool, typer.Option("--check/--no-check", help="compare with PyTorch (max |Δp| ≤ 1e-4)")] = True,
+        check_images: Annotated[Optional[list[Path]], typer.Option("--check-images", help="images/folders for the parity check")] = None,
+    ):
+        """ONNX file (opset 17, dynamic batch axis) returning logits and probabilities."""
+        from ..serving.export import ExportError, export_onnx
+
+        try:
+            path, diff = export_onnx(model, out, check=check, check_images=_check_images(check_images))
+        except (FileNotFoundError, ValueError, ExportError, OSError) as e:
+            fail(str(e))
+        _report(path, diff)
+
+    @app.command("export-torchscript")
+    def export_torchscript_command(
+        model: ModelOpt = Path("models/best.pt"),
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output file (default: <model>.torchscript.pt)")] = None,
+        check: Annotated[bool, typer.Option("--check/--no-check", help="compare with PyTorch (max |Δp| ≤ 1e-4)")] = True,
+        check_images: Annotated[Optional[list[Path]], typer.Option("--check-images", help="images/folders for the parity check")] = None,
+    ):
+        """Traced TorchScript file returning (logits, probabilities); load with torch.jit.load."""
+        from ..serving.export import ExportError, export_torchscript
+
+        try:
+            path, diff = export_torchscript(model, out, check=check, check_images=_check_images(check_images))
+        except (FileNotFoundError, ValueError, ExportError, OSError) as e:
+            fail(str(e))
+        _report(path, diff)
+
+    @app.command("export")
+    def export_command(
+        config: ConfigOpt = None, set_: SetOpt = None,
+        name: Annotated[Optional[str], typer.Option("--name", help="snapshot name inside exports/ (default <UTC time>_<run_id>)")] = None,
+    ):
+        """Immutable snapshot exports/<UTC time>_<run_id>/: run artifacts, index, best model + ONNX, config, MANIFEST.sha256."""
+        from ..serving.snapshot import SnapshotError, create_snapshot, verify_snapshot
+
+        cfg = load_config(config, set_)
+        try:
+            path = create_snapshot(cfg, name=name)
+        except (SnapshotError, FileNotFoundError, ValueError, OSError) as e:
+            fail(str(e))
+        report = verify_snapshot(path)
+        if not report.ok:
+            fail(f"snapshot {path} does not verify: " + "; ".join(report.lines()))
+        out_console.print(f"snapshot {path}: {report.checked} files, MANIFEST.sha256 verified, read-only")
+
+    @app.command("verify-snapshot")
+    def verify_snapshot_command(path: Annotated[Path, typer.Argument(help="exports/<snapshot>")]):
+        """Re-hash a snapshot against its MANIFEST.sha256; list changed, missing and extra files."""
+        from ..serving.snapshot import verify_snapshot
+
+        report = verify_snapshot(path)
+        if report.ok:
+            out_console.print(f"OK: {path}: {report.checked} files match MANIFEST.sha256")
+            return
+        for line in report.lines():
+            err_console.print(f"[red]{line}[/]", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]FAILED:[/] {path}: {len(report.changed)} changed, {len(report.missing)} missing, "
+                          f"{len(report.extra)} extra, {len(report.problems)} other problems", highlight=False)
+        raise typer.Exit(1)
+
+
+def _report(path: Path, diff: float | None) -> None:
+    size = path.stat().st_size / 1e6
+    check = f"; max |p - p_torch| = {diff:.2e}" if diff is not None else "; not checked"
+    out_console.print(f"wrote {path} ({size:.1f} MB){check}")

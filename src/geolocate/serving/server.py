@@ -1,0 +1,295 @@
+"""The HTTP API and the web page: ``geolocate serve`` (FastAPI + uvicorn).
+
+``create_app(geolocator)`` builds the app around one shared :class:`Geolocator`:
+
+- ``POST /predict`` (multipart field ``file``; ``top_k`` as query or form field)
+  -> top-k H3 cells (id, place, probability, centroid), the predicted lat/lon,
+  the true position and error when the photo carries EXIF GPS, and the cells
+  as a GeoJSON FeatureCollection (polygons split at the antimeridian).
+- ``GET /health``, ``GET /model`` (model card), OpenAPI docs at ``/docs``.
+- ``GET /``: a static page (``serving/static``: no CDN, no tiles) to drop a
+  photo and see the top cells on a bundled world outline.
+
+Decoding and inference run in the threadpool (never on the event loop); the
+engine serialises model calls, so the model is shared safely. Uploads over
+``max_upload_mb`` get 413 (checked from Content-Length before reading, and
+while streaming); non-images get 415, corrupt or truncated images 422.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.middleware.gzip import GZipMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from ..geo import cell_polygon_geojson
+from .predictor import Geolocator, Prediction
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MB = 1024 * 1024
+_ENVELOPE_SLACK = 256 * 1024  # multipart boundaries, part headers and the top_k field
+
+
+# ---- response schemas (for /docs) ----------------------------------------------
+class CellOut(BaseModel):
+    rank: int
+    cell: str = Field(description="H3 cell id")
+    place: str = Field(description="nearest GeoNames place to the cell centroid")
+    probability: float
+    lat: float = Field(description="cell centroid latitude (degrees)")
+    lon: float = Field(description="cell centroid longitude (degrees)")
+
+
+class PredictionOut(BaseModel):
+    source: str
+    lat: float = Field(description="predicted latitude: centroid of the top cell")
+    lon: float
+    confidence: float
+    place: str
+    top: list[CellOut]
+    geojson: dict[str, Any] = Field(description="GeoJSON FeatureCollection of the top cells' polygons ([lon, lat])")
+    true_lat: Optional[float] = Field(None, description="from the photo's EXIF GPS, when present")
+    true_lon: Optional[float] = None
+    error_km: Optional[float] = None
+    engine: str
+    run_id: Optional[str] = None
+    elapsed_ms: float
+
+
+class HealthOut(BaseModel):
+    status: str
+    engine: str
+    classes: int
+    uptime_s: float
+    requests: int
+
+
+# ---- geometry -------------------------------------------------------------------
+def _wrap(d: float) -> float:
+    return (d + 180.0) % 360.0 - 180.0
+
+
+def _clip(poly: list[list[float]], c: float, keep_ge: bool) -> list[list[float]]:
+    """Sutherland-Hodgman clip of an open ring against the half-plane lon >= c (or <= c)."""
+    out: list[list[float]] = []
+    for i, cur in enumerate(poly):
+        prev = poly[i - 1]
+        cin = cur[0] >= c if keep_ge else cur[0] <= c
+        pin = prev[0] >= c if keep_ge else prev[0] <= c
+        if cin != pin:
+            t = (c - prev[0]) / (cur[0] - prev[0])
+            out.append([c, prev[1] + t * (cur[1] - prev[1])])
+        if cin:
+            out.append(list(cur))
+    return out
+
+
+def _area(ring: list[list[float]]) -> float:
+    return 0.5 * abs(sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(ring, ring[1:] + ring[:1])))
+
+
+def split_antimeridian(polygon: dict) -> dict:
+    """A GeoJSON Polygon ring as RFC 7946 wants it: cut at ±180° (MultiPolygon), poles closed.
+
+    H3 boundaries give each vertex in [-180, 180]; a cell crossing the
+    antimeridian would otherwise be drawn across the whole map.
+    """
+    ring = polygon["coordinates"][0]
+    pts = ring[:-1] if ring[0] == ring[-1] else list(ring)
+    un = [[float(pts[0][0]), float(pts[0][1])]]
+    for lon, lat in pts[1:]:
+        un.append([un[-1][0] + _wrap(lon - un[-1][0]), float(lat)])
+    winding = un[-1][0] + _wrap(pts[0][0] - un[-1][0]) - un[0][0]
+    if abs(winding) > 180:  # the ring goes round a pole: close it along the pole
+        pole = 90.0 if sum(p[1] for p in un) > 0 else -90.0
+        end = un[0][0] + winding
+        un += [[end, un[0][1]], [end, pole], [un[0][0], pole]]
+    lo, hi = min(p[0] for p in un), max(p[0] for p in un)
+    if lo >= -180 and hi <= 180 and abs(winding) <= 180:
+        return polygon
+    pieces = []
+    for k in range(-2, 3):
+        shifted = [[p[0] + 360.0 * k, p[1]] for p in un]
+        if max(p[0] for p in shifted) <= -180 or min(p[0] for p in shifted) >= 180:
+            continue
+        part = _clip(_clip(shifted, -180.0, True), 180.0, False)
+        if len(part) >= 3 and _area(part) > 1e-9:
+            part = [[round(x, 6), round(y, 6)] for x, y in part]
+            pieces.append([part + [part[0]]])
+    if len(pieces) == 1:
+        return {"type": "Polygon", "coordinates": pieces[0]}
+    return {"type": "MultiPolygon", "coordinates": pieces}
+
+
+def cells_feature_collection(pred: Prediction) -> dict:
+    return {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": c.cell, "geometry": split_antimeridian(cell_polygon_geojson(c.cell)),
+         "properties": {"rank": i, "cell": c.cell, "place": c.place, "probability": c.probability, "lat": c.lat, "lon": c.lon}}
+        for i, c in enumerate(pred.top, 1)]}
+
+
+# ---- upload size limit ------------------------------------------------------------
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Answer 413 for request bodies over ``max_bytes``: from Content-Length, or while streaming."""
+
+    def __init__(self, app, max_bytes: int, message: str):
+        self.app, self.max_bytes, self.message = app, max_bytes, message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            declared = int(headers.get(b"content-length", b"-1"))
+        except ValueError:
+            declared = -1
+        if declared > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        state = {"received": 0, "exceeded": False, "started": False}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_bytes:
+                    state["exceeded"] = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message):
+            if state["exceeded"]:
+                return  # the app's answer to a cut-off body is replaced by the 413 below
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            pass
+        if state["exceeded"] and not state["started"]:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send):
+        await JSONResponse({"detail": self.message}, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
+# ---- the app ------------------------------------------------------------------------
+def create_app(geolocator: Geolocator, max_upload_mb: float = 20) -> FastAPI:
+    """The FastAPI app serving ``geolocator`` (shared by all requests)."""
+    max_bytes = int(max_upload_mb * MB)
+    too_large = f"upload exceeds the {max_upload_mb:g} MB limit"
+    card = geolocator.model_card()
+    num_classes = len(geolocator.classes)
+    started = time.time()
+    counter = {"n": 0}
+    counter_lock = threading.Lock()
+
+    app = FastAPI(
+        title="geolocate",
+        summary="Predict where a photo was taken: top-k H3 cells with place names and probabilities.",
+        version="1",
+    )
+    app.state.geolocator = geolocator
+    app.add_middleware(GZipMiddleware, minimum_size=4096)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes + _ENVELOPE_SLACK, message=too_large)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    def infer(data: bytes, name: str, top_k: int) -> dict:
+        from PIL import Image, UnidentifiedImageError
+
+        t0 = time.perf_counter()
+        if not data:
+            raise HTTPException(422, f"{name}: empty file (0 bytes)")
+        try:
+            with Image.open(io.BytesIO(data)):
+                pass
+        except UnidentifiedImageError:
+            raise HTTPException(415, f"{name}: not a recognised image format (send a JPEG, PNG, WebP, TIFF, BMP or GIF photo)") from None
+        except Exception as e:  # noqa: BLE001 - a header Pillow cannot even parse
+            raise HTTPException(422, f"{name}: corrupt image ({e})") from None
+        pred = geolocator.predict_one(data, top_k=top_k, name=name)
+        if pred.error:
+            raise HTTPException(422, pred.error)
+        with counter_lock:
+            counter["n"] += 1
+        out = pred.to_dict()
+        out["top"] = [{"rank": i, **c} for i, c in enumerate(out["top"], 1)]
+        out.pop("error", None)
+        out.update(geojson=cells_feature_collection(pred), engine=geolocator.engine_name, run_id=card.get("run_id"),
+                   elapsed_ms=round(1000 * (time.perf_counter() - t0), 2))
+        return out
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/health", response_model=HealthOut, summary="Liveness and a few counters")
+    def health() -> dict:
+        return {"status": "ok", "engine": geolocator.engine_name, "classes": num_classes,
+                "uptime_s": round(time.time() - started, 1), "requests": counter["n"]}
+
+    @app.get("/model", summary="Model card: backbone, classes, H3 resolution, training data, metrics")
+    def model() -> dict:
+        return card | {"max_upload_mb": max_upload_mb}
+
+    @app.post("/predict", response_model=PredictionOut, summary="Where was this photo taken?",
+              responses={413: {"description": "upload too large"}, 415: {"description": "not an image"},
+                         422: {"description": "corrupt or truncated image, or bad parameters"}})
+    async def predict(
+        file: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, TIFF, BMP, GIF)"),
+        top_k: Optional[int] = Query(None, ge=1, description="how many cells to return (default 5)"),
+        top_k_form: Optional[int] = Form(None, alias="top_k", ge=1, description="the same as a form field"),
+    ) -> dict:
+        k = top_k or top_k_form or 5
+        data = await file.read(max_bytes + 1)
+        await file.close()
+        if len(data) > max_bytes:
+            raise HTTPException(413, too_large)
+        return await run_in_threadpool(infer, data, file.filename or "upload", min(k, num_classes))
+
+    return app
+
+
+# ---- running ----------------------------------------------------------------------
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+    """Run uvicorn for ``app`` in a background thread; yield its base URL (port 0 picks a free one)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, name="geolocate-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def serve(model: str | Path = "models/best.pt", host: str = "127.0.0.1", port: int = 8000, engine: str = "torch",
+          max_upload_mb: float = 20, log_level: str = "info") -> None:
+    """Load the model and serve until interrupted."""
+    import uvicorn
+
+    geo = Geolocator.from_pretrained(model, engine=engine)
+    uvicorn.run(create_app(geo, max_upload_mb=max_upload_mb), host=host, port=port, log_level=log_level)
