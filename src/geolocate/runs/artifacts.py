@@ -1,0 +1,185 @@
+"""Run artifacts: metrics.csv, plots, REPORT.md, summary.json, the latest link, best-model promotion.
+
+``summary.json`` schema (``schema_version`` 1) — stable keys, documented in README:
+  run_id, created_at, wall_time_s, status
+  dataset:   fingerprint, images, cells, h3_resolution, splits{train,val,test}, sources{}
+  config:    backbone, loss, epochs, finetune_epochs, lr, batch_size, geo_tau_km, geo_mix_ce, seed
+  training:  epochs_run, best_epoch, best_val_median_km, best_val_acc, stopped_early
+  metrics:   {val, test} -> top1_acc, top5_acc, n, mean_km, median_km, p90_km, p95_km,
+             acc_1km, acc_25km, acc_200km, acc_750km, acc_2500km, geoscore, country_acc
+  baselines: {prior, knn} -> {val, test} with the same metric keys
+  gate:      metric, value, previous, promoted
+  artifacts: {name: bool} for every file the run should hold
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..io import save_figure, write_json, write_text
+
+SCHEMA_VERSION = 1
+METRIC_ROWS = [
+    ("top1_acc", "top-1 acc", "pct"), ("top5_acc", "top-5 acc", "pct"), ("median_km", "median km", "km"),
+    ("mean_km", "mean km", "km"), ("p90_km", "p90 km", "km"), ("p95_km", "p95 km", "km"),
+    ("acc_1km", "≤1 km", "pct"), ("acc_25km", "≤25 km", "pct"), ("acc_200km", "≤200 km", "pct"),
+    ("acc_750km", "≤750 km", "pct"), ("acc_2500km", "≤2500 km", "pct"), ("geoscore", "GeoScore", "num"),
+    ("country_acc", "country acc", "pct"),
+]
+PLOTS = ["loss.png", "val_accuracy.png", "geo_error_cdf.png", "confusion_matrix.png"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    cols = list(history[0].keys())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(history)
+    write_text(path, buf.getvalue())
+
+
+def plot_history(history: list[dict], plots: Path) -> None:
+    plt = _plt()
+    x = np.arange(1, len(history) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [r["train_loss"] for r in history], label="train")
+    ax.plot(x, [r["val_loss"] for r in history], label="val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("Loss")
+    save_figure(fig, plots / "loss.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [r["val_top1"] for r in history], label="val top-1")
+    ax.plot(x, [r["val_top5"] for r in history], label="val top-5")
+    ax2 = ax.twinx()
+    ax2.plot(x, [r["val_median_km"] for r in history], color="grey", ls="--", label="val median km")
+    ax2.set_ylabel("median km")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    ax.set_title("Validation accuracy")
+    save_figure(fig, plots / "val_accuracy.png")
+
+
+def plot_cdf(dists: dict[str, np.ndarray], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, d in dists.items():
+        d = np.sort(np.maximum(np.asarray(d), 0.1))
+        ax.plot(d, np.arange(1, len(d) + 1) / max(len(d), 1), label=name)
+    for r in (1, 25, 200, 750, 2500):
+        ax.axvline(r, color="#ccc", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("error (km)")
+    ax.set_ylabel("share of test images")
+    ax.set_title("Geo error CDF (test)")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_confusion(true: np.ndarray, pred: np.ndarray, names: list[str], path: Path, top: int = 15) -> None:
+    plt = _plt()
+    cls, cnt = np.unique(true, return_counts=True)
+    keep = cls[np.argsort(-cnt)][:top]
+    pos = {c: i for i, c in enumerate(keep)}
+    m = np.zeros((len(keep), len(keep) + 1))
+    for t, p in zip(true, pred):
+        if t in pos:
+            m[pos[t], pos.get(p, len(keep))] += 1
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    labels = [names[c][:22] for c in keep]
+    ax.set_yticks(range(len(keep)), labels, fontsize=7)
+    ax.set_xticks(range(len(keep) + 1), labels + ["other"], fontsize=7, rotation=90)
+    ax.set_xlabel("predicted cell")
+    ax.set_ylabel("true cell")
+    ax.set_title(f"Confusion of the {len(keep)} most frequent test cells (row-normalised)")
+    save_figure(fig, path)
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{100 * v:.1f}%" if kind == "pct" else (f"{v:,.0f}" if kind == "km" and v >= 100 else f"{v:,.1f}")
+
+
+def metrics_table(columns: dict[str, dict]) -> str:
+    """Markdown table: one row per metric, one column per predictor."""
+    head = "| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
+    rows = []
+    for key, label, kind in METRIC_ROWS:
+        if any(key in c for c in columns.values()):
+            rows.append(f"| {label} | " + " | ".join(_fmt(c.get(key), kind) for c in columns.values()) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
+    m, b = summary["metrics"], summary["baselines"]
+    cfg = summary["config"]
+    lines = [
+        f"# Run {summary['run_id']}",
+        "",
+        f"Created {summary['created_at']} · wall time {summary['wall_time_s']:.0f} s · dataset `{summary['dataset']['fingerprint']}` "
+        f"({summary['dataset']['images']} images, {summary['dataset']['cells']} H3 cells at resolution {summary['dataset']['h3_resolution']})",
+        "",
+        "## Test split",
+        "",
+        metrics_table({"model": m["test"], "prior": b["prior"]["test"], f"kNN (k={summary['config'].get('knn_k', 1)})": b["knn"]["test"]}),
+        "## Validation split",
+        "",
+        metrics_table({"model": m["val"], "prior": b["prior"]["val"], "kNN": b["knn"]["val"]}),
+        "## Training",
+        "",
+        f"- epochs run: {summary['training']['epochs_run']}, best epoch: {summary['training']['best_epoch']}, "
+        f"best val median: {summary['training']['best_val_median_km']:.0f} km, early stop: {summary['training']['stopped_early']}",
+        f"- gate ({summary['gate']['metric']} on test): {summary['gate']['value']:.1f}, previous best: {summary['gate']['previous']}, "
+        f"promoted to models/best.pt: {summary['gate']['promoted']}",
+        "",
+        "## Config",
+        "",
+        "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in cfg.items()),
+        "",
+        "## Dataset",
+        "",
+        "| stat | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in stats.items()),
+        "",
+        "## Plots",
+        "",
+        *[f"![{p}](plots/{p})" for p in PLOTS],
+        "",
+        "Full config: `config.json`; per-epoch metrics: `metrics.csv`; test predictions: `predictions_test.parquet`.",
+        "",
+    ]
+    write_text(run_dir / "REPORT.md", "\n".join(lines))
+
+
+def artifact_flags(run_dir: Path) -> dict[str, bool]:
+    names = ["config.json", "metrics.csv", "REPORT.md", "predictions_test.parquet", "checkpoints/model.pt", "checkpoints/last.pt"]
+    names += [f"plots/{p}" for p in PLOTS]
+    return {n: (run_dir / n).exists() for n in names}
+
+
+def link_latest(runs_dir: Path, run_dir: Path) -> None:
+    """Point runs/latest at run_dir atomically (symlink swap)."""
+    tmp = runs_dir / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, runs_dir / "latest")
