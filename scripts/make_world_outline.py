@@ -69,6 +69,23 @@ def simplify(points: np.ndarray, tol: float) -> np.ndarray:
     return points[keep]
 
 
+def merge_antarctica(east: np.ndarray, west: np.ndarray) -> np.ndarray:
+    """Join GSHHS's two Antarctica pieces (split at 0 and 180 degrees) into one ring closed along the pole,
+    so no seam is stroked at the prime meridian."""
+    def coast(ring: np.ndarray) -> np.ndarray:
+        pts = ring[:-1] if np.array_equal(ring[0], ring[-1]) else ring
+        polar = pts[:, 1] <= -89.999
+        idx = np.flatnonzero(polar)
+        start = (idx.max() + 1) % len(pts)  # first coastline point after the run along the pole
+        order = np.roll(np.arange(len(pts)), -start)
+        return pts[order][~polar[order]]
+
+    w, e = coast(west), coast(east)  # west runs -180 -> 0, east 0 -> 180
+    if np.allclose(w[-1], e[0]):
+        e = e[1:]
+    return np.vstack([w, e, [[180.0, -90.0], [-180.0, -90.0]]])
+
+
 def _coords(points: np.ndarray) -> list[list[float]]:
     out: list[list[float]] = []
     for lon, lat in np.round(points, 2).tolist():
@@ -80,11 +97,17 @@ def _coords(points: np.ndarray) -> list[list[float]]:
 
 def build(tolerance: float, min_area_km2: float, min_lake_km2: float) -> dict:
     feats: list[dict] = []
+    antarctica: dict[str, np.ndarray] = {}
     # GSHHS level: 1 land, 2 lake, 3 island in lake, 4 pond, 5 Antarctica (basemap's numbering).
     for f, pts in read_segments("gshhs"):
         level, area = int(f[0]), abs(float(f[1]))
         if level not in (1, 2, 5):
             continue
+        if level == 5 and f[7].endswith(("E", "W")):
+            antarctica[f[7][-1]] = pts
+            if len(antarctica) < 2:
+                continue
+            pts = merge_antarctica(antarctica["E"], antarctica["W"])
         if level == 2 and area < min_lake_km2:
             continue
         if level != 2 and area < min_area_km2 and not f[7].endswith(("E", "W")):

@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         report = verify_snapshot(path)
         if not report.ok:
             fail(f"snapshot {path} does not verify: " + "; ".join(report.lines()))
-        out_console.print(f"snapshot {path}: {report.checked} files, MANIFEST.sha256 verified, read-only")
+        out_console.print(f"snapshot {path}: {report.checked} files, MANIFEST.sha256 verified, read-only", soft_wrap=True, highlight=False)
 
     @app.command("verify-snapshot")
     def verify_snapshot_command(path: Annotated[Path, typer.Argument(help="exports/<snapshot>")]):
@@ -110,16 +110,16 @@ def register(app: typer.Typer) -> None:
 
         report = verify_snapshot(path)
         if report.ok:
-            out_console.print(f"OK: {path}: {report.checked} files match MANIFEST.sha256")
+            out_console.print(f"OK: {path}: {report.checked} files match MANIFEST.sha256", soft_wrap=True, highlight=False)
             return
         for line in report.lines():
             err_console.print(f"[red]{line}[/]", highlight=False, soft_wrap=True)
         err_console.print(f"[bold red]FAILED:[/] {path}: {len(report.changed)} changed, {len(report.missing)} missing, "
-                          f"{len(report.extra)} extra, {len(report.problems)} other problems", highlight=False)
+                          f"{len(report.extra)} extra, {len(report.problems)} other problems", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
 def _report(path: Path, diff: float | None) -> None:
     size = path.stat().st_size / 1e6
     check = f"; max |p - p_torch| = {diff:.2e}" if diff is not None else "; not checked"
-    out_console.print(f"wrote {path} ({size:.1f} MB){check}")
+    out_console.print(f"wrote {path} ({size:.1f} MB){check}", soft_wrap=True, highlight=False)

@@ -1,4 +1,4 @@
-"""Serving: the predictor (and, later, the HTTP server and exports)."""
+"""Serving: the predictor (PyTorch or ONNX Runtime engine), ONNX/TorchScript exports, snapshots, the HTTP server."""
 from .predictor import CellPrediction, Geolocator, Prediction
 
 __all__ = ["CellPrediction", "Geolocator", "Prediction"]

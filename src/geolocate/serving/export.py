@@ -112,13 +112,13 @@ def export_torchscript(model_path: str | Path, out: str | Path | None = None, ch
     out = Path(out) if out is not None else model_path.with_suffix(".torchscript.pt")
     model, info = load_model(model_path)
     wrapper = ProbabilityModel(model).eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(wrapper, (_example(info),), check_trace=False)
-        traced = torch.jit.freeze(traced.eval())
     extra = {"geolocate_info.json": json.dumps(info), "geolocate_format": TORCHSCRIPT_FORMAT,
              "source_sha256": file_sha256(model_path)}
-    atomic_write(out, lambda p: torch.jit.save(traced, str(p), _extra_files=extra), suffix=".pt")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch 2.13 deprecates TorchScript in favour of torch.export; it still works
+        traced = torch.jit.trace(wrapper, (_example(info),), check_trace=False)
+        traced = torch.jit.freeze(traced.eval())
+        atomic_write(out, lambda p: torch.jit.save(traced, str(p), _extra_files=extra), suffix=".pt")
     diff = None
     if check:
         loaded = load_torchscript(out)[0]
@@ -132,7 +132,9 @@ def export_torchscript(model_path: str | Path, out: str | Path | None = None, ch
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
     """(module returning (logits, probabilities), info dict)."""
     extra = {"geolocate_info.json": ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; it still works
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module.eval(), json.loads(extra["geolocate_info.json"] or "{}")
 
 
@@ -197,6 +199,9 @@ class OnnxEngine:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads sleep instead of spinning: on a shared CPU (a server decoding uploads on other
+        # threads) spinning took ~35% of the concurrent throughput here, and batch throughput is unchanged.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = int(threads)
         self.path = None if isinstance(source, (bytes, bytearray)) else Path(source)

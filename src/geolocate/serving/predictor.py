@@ -134,11 +134,12 @@ class Geolocator:
         return self.engine.probabilities(batch)
 
     def _prepare(self, item: ImageInput, truth: tuple[float, float] | None, name: str | None = None) -> tuple[np.ndarray | None, Prediction]:
+        given = name
         if name is None:
             name = str(item) if isinstance(item, (str, Path)) else ("<upload>" if isinstance(item, (bytes, bytearray)) else "<image>")
         pred = Prediction(source=name)
         try:
-            im = load_image(item, name=name if isinstance(item, (bytes, bytearray)) else None, draft=self.preprocess.size * 2)
+            im = load_image(item, name=given, draft=self.preprocess.size * 2)
         except ImageError as e:
             pred.error = str(e)
             return None, pred

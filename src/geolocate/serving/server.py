@@ -244,7 +244,8 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20) -> FastAPI:
 
     @app.get("/model", summary="Model card: backbone, classes, H3 resolution, training data, metrics")
     def model() -> dict:
-        return card | {"max_upload_mb": max_upload_mb}
+        public = card | {"model_file": Path(card["model_file"]).name if card.get("model_file") else None}
+        return public | {"max_upload_mb": max_upload_mb}
 
     @app.post("/predict", response_model=PredictionOut, summary="Where was this photo taken?",
               responses={413: {"description": "upload too large"}, 415: {"description": "not an image"},
@@ -285,11 +286,3 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_le
         server.should_exit = True
         thread.join(timeout=10)
 
-
-def serve(model: str | Path = "models/best.pt", host: str = "127.0.0.1", port: int = 8000, engine: str = "torch",
-          max_upload_mb: float = 20, log_level: str = "info") -> None:
-    """Load the model and serve until interrupted."""
-    import uvicorn
-
-    geo = Geolocator.from_pretrained(model, engine=engine)
-    uvicorn.run(create_app(geo, max_upload_mb=max_upload_mb), host=host, port=port, log_level=log_level)

@@ -98,8 +98,9 @@ function zoomToCells() {
   let w = Math.max((x1 - x0) * 1.2, 20), h = Math.max((y1 - y0) * 1.2, 10);
   if (w / h > 2) h = w / 2; else w = h * 2;
   if (w >= 360) return setView([-180, -90, 360, 180]);
-  const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
-  setView([cx - w / 2, cy - h / 2, w, h]);
+  const clamp = (v, lo, hi) => Math.min(Math.max(v, lo), hi);
+  const left = clamp((x0 + x1) / 2 - w / 2, -180, 180 - w), top = clamp((y0 + y1) / 2 - h / 2, -90, 90 - h);
+  setView([left, top, w, h]);
 }
 
 function drawCells(r) {
@@ -125,7 +126,7 @@ function drawMarks() {
   if (!r) return;
   const s = state.view[2] / 360;  // 1 at world view
   for (const c of [...r.top].reverse()) {
-    g.appendChild(el("svg:text", { x: c.lon, y: -c.lat - 4.2 * s, class: "cell-label", "font-size": 7 * s, fill: "#fff" }, String(c.rank)));
+    g.appendChild(el("svg:text", { x: c.lon, y: -c.lat - 5.5 * s, class: "cell-label", "font-size": 7 * s, fill: "#fff" }, String(c.rank)));
   }
   if (r.true_lat !== null && r.true_lat !== undefined) {
     g.appendChild(el("svg:path", { d: `M${r.lon} ${-r.lat}L${r.true_lon} ${-r.true_lat}`, class: "truth-line" }));
@@ -134,8 +135,8 @@ function drawMarks() {
   g.appendChild(el("svg:circle", { cx: r.lon, cy: -r.lat, r: 2.4 * s, class: "mark-pred" }));
 }
 
-function fmtLatLon(lat, lon) {
-  return `${Math.abs(lat).toFixed(3)}°${lat >= 0 ? "N" : "S"}, ${Math.abs(lon).toFixed(3)}°${lon >= 0 ? "E" : "W"}`;
+function fmtLatLon(lat, lon, digits = 3) {
+  return `${Math.abs(lat).toFixed(digits)}°${lat >= 0 ? "N" : "S"}, ${Math.abs(lon).toFixed(digits)}°${lon >= 0 ? "E" : "W"}`;
 }
 
 function showTable(r) {
@@ -152,7 +153,9 @@ function showTable(r) {
     const bar = el("span", { class: "bar" });
     bar.style.width = `${Math.max(2, 60 * c.probability / pmax)}px`;
     prob.append(bar, `${(100 * c.probability).toFixed(1)}%`);
-    tr.append(rank, el("td", { class: "place" }, c.place), prob, el("td", { class: "num" }, fmtLatLon(c.lat, c.lon)), el("td", { class: "h3" }, c.cell));
+    const place = el("td", { class: "place" });
+    place.append(el("div", { class: "name" }, c.place), el("div", { class: "h3" }, c.cell));
+    tr.append(rank, place, prob, el("td", { class: "num" }, fmtLatLon(c.lat, c.lon, 2)));
     body.appendChild(tr);
   }
   $("results").hidden = false;

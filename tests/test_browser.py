@@ -1,0 +1,75 @@
+"""The web page in a real browser: Debian's chromium driven by Playwright, against uvicorn on 127.0.0.1."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from geolocate.serving import Geolocator
+from geolocate.serving.server import create_app, serve_in_thread
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+PHOTO = "032_HMD_Nokia_8.3_5G.jpg"  # Helsinki harbour, with EXIF GPS
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install -y chromium)"),
+]
+
+
+def onnx_geolocator(trained) -> Geolocator:
+    cfg, _, model_path = trained
+    return Geolocator.from_pretrained(model_path, engine="onnx", onnx_path=Path(cfg.paths.data_dir).parent / "onnx-cache" / "model.onnx")
+
+
+def test_page_upload_shows_five_cells_on_the_map(trained, photos_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    geo = onnx_geolocator(trained)
+    with serve_in_thread(create_app(geo)) as url, sync_playwright() as pw:
+        expected = httpx.post(f"{url}/predict", files={"file": (PHOTO, (photos_dir / PHOTO).read_bytes(), "image/jpeg")},
+                              timeout=60).json()
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 820})
+            requests, errors = [], []
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_function("document.body.dataset.ready === '1'", timeout=20_000)
+            assert page.locator("#land path.land").count() > 50  # the bundled world outline is drawn
+            page.wait_for_function("!document.getElementById('model-card').textContent.startsWith('loading')")
+            assert "efficientnet_lite0" in page.locator("#model-card").inner_text()
+
+            page.set_input_files("#file", str(photos_dir / PHOTO))
+            page.wait_for_function("document.body.dataset.state === 'done'", timeout=30_000)
+            rows = page.locator("#results tbody tr.cell-row")
+            assert rows.count() == 5
+            assert page.locator("#cells path.cell").count() == 5
+            shown_cells = [rows.nth(i).get_attribute("data-cell") for i in range(5)]
+            assert shown_cells == [c["cell"] for c in expected["top"]]
+            table = page.locator("#results").inner_text()
+            for c in expected["top"]:
+                assert c["place"] in table
+                assert f"{100 * c['probability']:.1f}%" in table
+            summary = page.locator("#summary").inner_text()
+            assert expected["place"] in summary and "EXIF GPS" in summary and "km" in summary
+            assert page.locator("#marks circle.mark-truth").count() == 1
+            shot = tmp_path / "geolocate_page.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 20_000
+
+            # a non-image shows one clear error and the page keeps working
+            bad = tmp_path / "notes.txt"
+            bad.write_text("not a photo")
+            page.set_input_files("#file", str(bad))
+            page.wait_for_function("document.body.dataset.state === 'error'", timeout=20_000)
+            assert "not a recognised image format" in page.locator("#error").inner_text()
+
+            assert not errors, errors
+            assert all(u.startswith(url) or u.startswith(("blob:", "data:")) for u in requests), requests
+        finally:
+            browser.close()
