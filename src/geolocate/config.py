@@ -118,6 +118,7 @@ class TrainConfig:
     finetune_epochs: int = 0      # >0: unfreeze the backbone afterwards
     finetune_lr_mult: float = 0.1 # backbone LR = lr * mult during fine-tuning
     augment: bool = True          # flips during fine-tuning
+    embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
     device: str = "cpu"
 
@@ -182,6 +183,7 @@ class Config:
 
         checks = [
             (self.train.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {self.train.loss!r}"),
+            (self.train.embed_engine in ("onnx", "torch"), f"train.embed_engine must be 'onnx' or 'torch', got {self.train.embed_engine!r}"),
             (self.index.small_cells in ("merge", "drop"), f"index.small_cells must be 'merge' or 'drop', got {self.index.small_cells!r}"),
             (0 <= self.index.h3_resolution <= 15, f"index.h3_resolution must be 0..15, got {self.index.h3_resolution}"),
             (len(self.index.split_ratios) == 3 and all(r >= 0 for r in self.index.split_ratios) and abs(sum(self.index.split_ratios) - 1) < 1e-6,

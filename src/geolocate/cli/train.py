@@ -11,11 +11,11 @@ import typer
 from .common import ConfigOpt, SetOpt, fail, load_config, out_console
 
 
-def train_cmd(cfg, resume: Path | None = None) -> Path:
+def train_cmd(cfg, resume: Path | None = None, tracker: str | None = None) -> Path:
     from ..runs.experiment import run_experiment
 
     try:
-        run_dir = run_experiment(cfg, resume=resume)
+        run_dir = run_experiment(cfg, resume=resume, tracker=tracker)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     print_summary(run_dir)
@@ -45,12 +45,13 @@ def print_summary(run_dir: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_command(config: ConfigOpt = None, set_: SetOpt = None,
-                      resume: Annotated[Optional[Path], typer.Option("--resume", help="continue runs/<id> from its last checkpoint")] = None):
+                      resume: Annotated[Optional[Path], typer.Option("--resume", help="continue runs/<id> from its last checkpoint")] = None,
+                      tracker: Annotated[Optional[str], typer.Option("--tracker", help="none | mlflow (local ./mlruns)")] = None):
         """Train on the index's train split, evaluate on val/test with baselines, write runs/<id>/."""
         cfg = load_config(config, set_)
         if resume is not None and not (resume / "checkpoints" / "last.pt").exists():
             fail(f"cannot resume {resume}: no checkpoints/last.pt there")
-        train_cmd(cfg, resume)
+        train_cmd(cfg, resume, tracker)
 
     @app.command("evaluate")
     def evaluate_command(

@@ -71,24 +71,31 @@ def assign_cells(lat: np.ndarray, lon: np.ndarray, resolution: int, min_samples:
 
     Vectorised: cells are computed as uint64 H3 indexes over whole columns
     (``polars-h3``), a parent is bit arithmetic on the index (:func:`_h3_parent`)
-    and cell sizes come from ``np.unique``; the merge loop runs once per
-    resolution level, never once per row (1M points: about a second).
+    and cell sizes are hash counts; the merge loop runs once per resolution
+    level, never once per row, and each level only revisits the rows that were
+    just merged (a parent at resolution r can only collect rows of small cells at
+    r+1: every untouched cell is finer). 1M points take about a second.
     """
     cells = _latlng_to_cells(np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64), resolution)
+    active = np.flatnonzero(cells)          # rows whose cell may still be too small
     res = resolution
-    while True:
-        alive = cells != 0
-        _, inverse, counts = np.unique(cells[alive], return_inverse=True, return_counts=True)
-        small = np.zeros(len(cells), dtype=bool)
-        small[alive] = counts[inverse.reshape(-1)] < min_samples
+    while active.size:
+        sub = cells[active]
+        small = _group_sizes(sub) < min_samples
         if not small.any():
             break
+        active = active[small]
         if policy == "drop" or res == 0:
-            cells[small] = 0
+            cells[active] = 0
             break
         res -= 1
-        cells[small] = _h3_parent(cells[small], res)
+        cells[active] = _h3_parent(cells[active], res)
     return _cells_to_strings(cells)
+
+
+def _group_sizes(values: np.ndarray) -> np.ndarray:
+    """For each element, how many elements share its value (hash-based, no sort)."""
+    return pl.DataFrame({"v": values}).select(pl.len().over("v").alias("n"))["n"].to_numpy()
 
 
 _H3_RES_MASK = np.uint64(0xF << 52)

@@ -171,8 +171,9 @@ def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
 
 
 def artifact_flags(run_dir: Path) -> dict[str, bool]:
-    names = ["config.json", "metrics.csv", "REPORT.md", "predictions_test.parquet", "checkpoints/model.pt", "checkpoints/last.pt"]
-    names += [f"plots/{p}" for p in PLOTS]
+    names = ["config.json", "metrics.csv", "REPORT.md", "dashboard.html", "predictions_test.parquet", "checkpoints/model.pt",
+             "checkpoints/last.pt"]
+    names += [f"plots/{p}" for p in PLOTS + ["error_map.png"]]
     return {n: (run_dir / n).exists() for n in names}
 
 

@@ -26,6 +26,8 @@ from ..progress import console
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
 from ..training.augment import image_batch
 from . import artifacts as A
+from .dashboard import write_dashboard
+from .tracking import get_tracker, log_run_safely
 
 
 def new_run_id(cfg: Config) -> str:
@@ -41,8 +43,9 @@ def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str) -> tuple[Split
     return s, mask
 
 
-def run_experiment(cfg: Config, resume: str | Path | None = None) -> Path:
+def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str | None = None) -> Path:
     t_start = time.time()
+    trk = get_tracker(tracker)  # an unusable tracker fails here, before any training
     runs_dir = Path(cfg.paths.runs_dir)
     if resume:
         run_dir = Path(resume)
@@ -74,7 +77,7 @@ def run_experiment(cfg: Config, resume: str | Path | None = None) -> Path:
     ids, paths = df["id"].to_list(), df["path"].to_list()
     feats = None
     if pretrained:
-        feats, ok = cached_embeddings(backbone, ids, paths, cache_dir)
+        feats, ok = cached_embeddings(backbone, ids, paths, cache_dir, engine=cfg.train.embed_engine)
         if (~ok).any():
             console.print(f"[yellow]warning:[/] {(~ok).sum()} unreadable images left out of this run")
             df, feats = df.filter(pl.Series(ok)), feats[ok]
@@ -110,7 +113,7 @@ def run_experiment(cfg: Config, resume: str | Path | None = None) -> Path:
         cfg.train.finetune_epochs = ft_cfg_epochs
         history[:] = state["history"]
         # features of the trained backbone for evaluation and kNN
-        feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)")
+        feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)", engine=cfg.train.embed_engine)
         for s, m in ((train, mtr), (val, mva), (test, mte)):
             s.feats = torch.as_tensor(np.nan_to_num(feats[m]))
     A.write_metrics_csv(run_dir / "metrics.csv", history)
@@ -185,6 +188,10 @@ def run_experiment(cfg: Config, resume: str | Path | None = None) -> Path:
     A.write_report(run_dir, summary | {"artifacts": {}}, stats)
     summary["artifacts"] = A.artifact_flags(run_dir)
     write_json(run_dir / "summary.json", summary)
+    write_dashboard(run_dir)  # reads summary.json; then the flags include the dashboard itself
+    summary["artifacts"] = A.artifact_flags(run_dir)
+    write_json(run_dir / "summary.json", summary)
+    log_run_safely(trk, run_dir)
     A.link_latest(runs_dir if not resume else run_dir.parent, run_dir)
     return run_dir
 

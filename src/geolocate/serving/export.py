@@ -10,7 +10,6 @@ model is detected and rebuilt, and an ``.onnx`` file alone is enough to serve.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import threading
 import warnings
@@ -22,12 +21,12 @@ import torch
 from torch import nn
 
 from ..io import atomic_write
+from ..models.onnx import ort_session, to_onnx_bytes
 
 ONNX_FORMAT = "geolocate-onnx/1"
 TORCHSCRIPT_FORMAT = "geolocate-torchscript/1"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "probabilities")
-OPSET = 17
 PARITY_TOL = 1e-4
 
 
@@ -64,16 +63,8 @@ def onnx_bytes(model: nn.Module, info: dict, source_sha256: str | None = None) -
     """Serialise ``model`` to ONNX (opset 17, dynamic batch) with geolocate metadata."""
     import onnx
 
-    wrapper = ProbabilityModel(model.eval()).eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, (_example(info),), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
-            opset_version=OPSET, do_constant_folding=True, dynamo=False,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
+    data = to_onnx_bytes(ProbabilityModel(model.eval()), _example(info), INPUT_NAME, list(OUTPUT_NAMES))
+    proto = onnx.load_from_string(data)
     props = {"geolocate_format": ONNX_FORMAT, "geolocate_info": json.dumps(info, separators=(",", ":"))}
     if source_sha256:
         props["source_sha256"] = source_sha256
@@ -194,20 +185,9 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, source: str | Path | bytes, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle intra-op threads sleep instead of spinning: on a shared CPU (a server decoding uploads on other
-        # threads) spinning took ~35% of the concurrent throughput here, and batch throughput is unchanged.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = int(threads)
         self.path = None if isinstance(source, (bytes, bytearray)) else Path(source)
         try:
-            self.session = ort.InferenceSession(bytes(source) if self.path is None else str(source), opts,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort_session(source, threads)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise ValueError(f"{self.path or '<onnx bytes>'}: not a loadable ONNX model ({type(e).__name__}: {e})") from None
         meta = self.session.get_modelmeta().custom_metadata_map

@@ -40,10 +40,24 @@ def load_batch(paths: Sequence[str], preprocess, draft: int) -> tuple[torch.Tens
     return (torch.from_numpy(np.stack(arrays)) if arrays else None), ok
 
 
+ENGINES = ("onnx", "torch")
+
+
 @torch.inference_mode()
-def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int = 32, desc: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, F) float32 with NaN rows for unreadable images, ok mask (N,))."""
+def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int = 32, desc: str = "embedding",
+                engine: str = "onnx") -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, F) float32 with NaN rows for unreadable images, ok mask (N,)).
+
+    ``engine="onnx"`` runs the backbone under ONNX Runtime (same features within ~1e-5, several times faster on CPU).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown embedding engine {engine!r}: choose one of {', '.join(ENGINES)}")
     backbone.eval()
+    run = backbone
+    if engine == "onnx" and len(paths) >= batch_size:  # exporting costs a few seconds: not worth it for a handful
+        from ..models.onnx import OrtFeatures
+
+        run = OrtFeatures(backbone)
     n = len(paths)
     feats = np.full((n, backbone.num_features), np.nan, dtype=np.float32)
     okmask = np.zeros(n, dtype=bool)
@@ -58,14 +72,14 @@ def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int
                 futures.append(pool.submit(load_batch, paths[s2:s2 + batch_size], backbone.preprocess, draft))
             idx = np.arange(s, s + len(ok))[np.asarray(ok)]
             if x is not None:
-                feats[idx] = backbone(x).float().numpy()
+                feats[idx] = run(x).float().numpy()
                 okmask[idx] = True
             advance(len(ok))
     return feats, okmask
 
 
 def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequence[str], cache_dir: str | Path,
-                      batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                      batch_size: int = 32, engine: str = "onnx") -> tuple[np.ndarray, np.ndarray]:
     """Features for ``ids`` using and refreshing the on-disk cache."""
     cache = Path(cache_dir) / f"{backbone.name.replace(':', '_').replace('/', '_')}.npz"
     keys = np.asarray([file_key(p) for p in paths])
@@ -88,7 +102,7 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
         else:
             todo.append(j)
     if todo:
-        new, ok = embed_paths(backbone, [paths[j] for j in todo], batch_size)
+        new, ok = embed_paths(backbone, [paths[j] for j in todo], batch_size, engine=engine)
         feats[todo] = new
         for j, f, good in zip(todo, new, ok):
             if good:
