@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 GEO := HF_HUB_OFFLINE=1 $(BIN)/geolocate
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
+MAPILLARY_CONFIG ?= configs/mapillary.yaml
 BATCH ?= 01
 
 .PHONY: setup demo test bench download rebuild train export batch loop clean-raw aggregate clean
@@ -29,7 +30,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py
 
 download: setup
-	$(GEO) download --config $(CONFIG) $(ARGS)
+	$(GEO) download --config $(MAPILLARY_CONFIG) $(ARGS)
 
 rebuild: setup
 	$(GEO) index --config $(CONFIG)
@@ -45,13 +46,13 @@ aggregate: setup
 	$(GEO) runs aggregate
 
 batch: setup
-	$(GEO) batch cities/batch_$(BATCH).csv --config $(CONFIG)
+	$(GEO) batch cities/batch_$(BATCH).csv --config $(MAPILLARY_CONFIG)
 
 loop: setup
-	for f in cities/batch_*.csv; do $(GEO) batch $$f --config $(CONFIG) || exit 1; done
+	for f in cities/batch_*.csv; do $(GEO) batch $$f --config $(MAPILLARY_CONFIG) || exit 1; done
 
 clean-raw: setup
-	$(GEO) clean-raw --config $(CONFIG) $(ARGS)
+	$(GEO) clean-raw --config $(MAPILLARY_CONFIG) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -140,3 +140,15 @@ def test_index_without_records_is_a_clear_error(tmp_path):
     cfg = tiny_config(tmp_path)
     with pytest.raises(FileNotFoundError, match="build-dataset"):
         build_index(cfg)
+
+
+def test_index_sources_option_selects_records(tmp_path):
+    cfg = tiny_config(tmp_path, **{"source.earth.count": 30, "index.min_cell_samples": 1})
+    get_source("earth")(cfg, tmp_path / "raw")
+    other = Path(cfg.paths.data_dir) / "records" / "manifest.jsonl"
+    append_records(other, [ImageRecord(id="m1", path="x.jpg", lat=10.0, lon=10.0, sequence_id="s", source="manifest")])
+    assert build_index(cfg, plot=False)["sources"] == {"earth": 30, "manifest": 1}
+    cfg.index.sources = ["manifest"]
+    assert build_index(cfg, plot=False)["sources"] == {"manifest": 1}
+    from geolocate.config import Config
+    assert Config.load(Path(__file__).parents[1] / "configs" / "mapillary.yaml").index.sources == ["mapillary"]

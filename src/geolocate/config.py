@@ -94,6 +94,7 @@ class IndexConfig:
     small_cells: str = "merge"   # "merge" into the parent cell (repeatedly), or "drop"
     split_ratios: list[float] = dc.field(default_factory=lambda: [0.8, 0.15, 0.05])
     seed: int = 0
+    sources: list[str] = dc.field(default_factory=list)  # records to index (data/records/<name>.jsonl); empty = all
 
 
 @dc.dataclass

@@ -142,7 +142,7 @@ def build_index(cfg, sources: list[str] | None = None, plot: bool = True) -> dic
     """Write images.parquet, labels.json, stats.json and coverage.png; return stats."""
     paths = IndexPaths.from_config(cfg)
     ic = cfg.index
-    df = collect_records(cfg.paths.data_dir, sources)
+    df = collect_records(cfg.paths.data_dir, sources or cfg.index.sources or None)
     ok = valid_latlon(df["lat"].to_numpy(), df["lon"].to_numpy())
     n_bad = int((~ok).sum())
     df = df.filter(pl.Series(ok))
