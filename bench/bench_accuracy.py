@@ -12,7 +12,7 @@ prefix of the larger one: the images are cut once (largest size) and the
 embedding cache of one size is reused by the next, so each image is embedded
 once. Writes ``bench/results/accuracy.json``.
 
-    python bench/bench_accuracy.py [--sizes 1200 2400] [--config configs/demo.yaml] [--epochs N]
+    python bench/bench_accuracy.py [--sizes 3000 6000] [--config configs/demo.yaml] [--epochs N]
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def run_size(base: Path, tmp: Path, size: int, records, prev_cache: Path | None,
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1200, 2400])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[3000, 6000])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (default: the config's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
