@@ -139,6 +139,20 @@ def test_promotion_only_when_gate_improves(tmp_path):
     assert (tmp_path / "models" / "best.pt").read_bytes() == b"better"
     assert json.loads((tmp_path / "models" / "best.json").read_text())["run_id"] == "r3"
     assert not list((tmp_path / "models").glob(".*"))  # no temp files left
+    # another dataset/split is not comparable: the new model replaces the old one
+    m.write_bytes(b"other data")
+    assert promote_best(tmp_path / "models", m, "r4", "median_km", 9000.0, "fp2") == (True, None)
+    # higher is better for GeoScore
+    g = tmp_path / "g"
+    assert promote_best(g, m, "a", "geoscore", 1000.0, "fp")[0]
+    assert promote_best(g, m, "b", "geoscore", 900.0, "fp") == (False, 1000.0)
+    assert promote_best(g, m, "c", "geoscore", 1100.0, "fp") == (True, 1000.0)
+
+
+def test_gate_metric_is_validated():
+    from geolocate.config import Config, ConfigError
+    with pytest.raises(ConfigError, match="eval.gate_metric must be one of"):
+        Config.load(None, ["eval.gate_metric=median_kms"])
 
 
 def test_small_cnn_trains_from_scratch(trained_copy):

@@ -128,7 +128,7 @@ class TrainConfig:
 class EvalConfig:
     knn_k: int = 1
     top_k: int = 5
-    gate_metric: str = "median_km"  # test metric that decides models/best.pt (lower is better)
+    gate_metric: str = "median_km"  # test metric that decides models/best.pt (direction known per metric)
 
 
 @dc.dataclass
@@ -180,10 +180,14 @@ class Config:
                     raise ConfigError(f"config key {'.'.join(parts[:i + 1])!r} is a value, not a section")
 
     def validate(self) -> None:
+        from .evaluation.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER
         from .training.losses import LOSSES  # registry lives with the losses
+
+        gates = sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)
 
         checks = [
             (self.train.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {self.train.loss!r}"),
+            (self.eval.gate_metric in gates, f"eval.gate_metric must be one of {gates}, got {self.eval.gate_metric!r}"),
             (self.train.embed_engine in ("onnx", "torch"), f"train.embed_engine must be 'onnx' or 'torch', got {self.train.embed_engine!r}"),
             (self.index.small_cells in ("merge", "drop"), f"index.small_cells must be 'merge' or 'drop', got {self.index.small_cells!r}"),
             (0 <= self.index.h3_resolution <= 15, f"index.h3_resolution must be 0..15, got {self.index.h3_resolution}"),

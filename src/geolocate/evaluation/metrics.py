@@ -13,6 +13,13 @@ from ..geo import haversine_km, place_names
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
 GEOSCORE_SCALE_KM = 1492.7
+LOWER_IS_BETTER = frozenset({"mean_km", "median_km", "p90_km", "p95_km"})
+HIGHER_IS_BETTER = frozenset({"top1_acc", "top5_acc", "geoscore", "country_acc", *(f"acc_{r}km" for r in THRESHOLDS_KM)})
+
+
+def improves(metric: str, new: float, old: float) -> bool:
+    """Whether ``new`` is strictly better than ``old`` for this metric."""
+    return new < old if metric in LOWER_IS_BETTER else new > old
 
 
 def geoscore(d_km) -> float:

@@ -18,6 +18,8 @@ import torch
 
 from ..config import Config
 from ..evaluation import evaluate, knn_predict, prior_predict
+from ..evaluation.metrics import improves
+from ..index.build import dataset_fingerprint
 from ..geo import haversine_km
 from ..index import IndexPaths, load_index
 from ..io import read_json, write_json, write_parquet
@@ -81,6 +83,7 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
         if (~ok).any():
             console.print(f"[yellow]warning:[/] {(~ok).sum()} unreadable images left out of this run")
             df, feats = df.filter(pl.Series(ok)), feats[ok]
+            ids, paths = df["id"].to_list(), df["path"].to_list()
     train, mtr = _split(df, feats, "train")
     val, mva = _split(df, feats, "val")
     test, mte = _split(df, feats, "test")
@@ -88,7 +91,7 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
         raise ValueError(f"empty split: train={len(train)} val={len(val)}; add data or change index.split_ratios")
     train_counts = np.bincount(train.labels.numpy(), minlength=n_cls)
 
-    history: list[dict] = []
+    history: list[dict] = list(resume_state["history"]) if resume_state else []
 
     def on_epoch(row: dict) -> None:
         history.append(row)
@@ -103,14 +106,10 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
         state = trainer.fit_head(head, train, val, resume_state)
         history[:] = state["history"]
     if finetune_epochs > 0:
-        if not pretrained:
-            cfg.train.finetune_lr_mult = 1.0
-        ft_cfg_epochs = cfg.train.finetune_epochs
-        cfg.train.finetune_epochs = finetune_epochs
-        state = trainer.fit_finetune(model, train, val, lambda m, p, aug: image_batch(m.preprocess, p, aug),
-                                     resume_state if resume_state and resume_state["phase"] == "finetune" else None,
-                                     history=state.get("history", []))
-        cfg.train.finetune_epochs = ft_cfg_epochs
+        state = trainer.fit_finetune(model, train, val, lambda m, p, aug, g: image_batch(m.preprocess, p, aug, g),
+                                     epochs=finetune_epochs, backbone_lr_mult=cfg.train.finetune_lr_mult if pretrained else 1.0,
+                                     resume=resume_state if resume_state and resume_state["phase"] == "finetune" else None,
+                                     history=state.get("history", []), start_best_km=state.get("best_km", float("inf")))
         history[:] = state["history"]
         # features of the trained backbone for evaluation and kNN
         feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)", engine=cfg.train.embed_engine)
@@ -163,7 +162,9 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
 
     gate_key = cfg.eval.gate_metric
     gate_value = float(metrics["test"][gate_key])
-    promoted, previous = promote_best(Path(cfg.paths.models_dir), model_path, run_id, gate_key, gate_value, stats["fingerprint"])
+    split_fp = dataset_fingerprint(df["id"].to_list(), df["split"].to_list())
+    promoted, previous = promote_best(Path(cfg.paths.models_dir), model_path, run_id, gate_key, gate_value,
+                                      f"{stats['fingerprint']}/{split_fp}")
     best_row = min(history, key=lambda r: r["val_median_km"]) if history else {}
     split_counts = {k: int(v) for k, v in df.group_by("split").len().iter_rows()}
     summary = {
@@ -172,7 +173,7 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(time.time() - t_start, 2),
         "status": "completed",
-        "dataset": {"fingerprint": stats["fingerprint"], "images": int(df.height), "cells": n_cls, "h3_resolution": stats["h3_resolution"],
+        "dataset": {"fingerprint": stats["fingerprint"], "split_fingerprint": split_fp, "images": int(df.height), "cells": n_cls, "h3_resolution": stats["h3_resolution"],
                     "splits": split_counts, "sources": stats.get("sources", {})},
         "config": {"backbone": spec, "loss": cfg.train.loss, "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs,
                    "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "geo_tau_km": cfg.train.geo_tau_km,
@@ -197,21 +198,32 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
 
 
 def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, value: float, fingerprint: str) -> tuple[bool, float | None]:
-    """Copy the run's model to models/best.pt (+ best.json) only if ``metric`` improved (lower is better)."""
+    """Copy the run's model to models/best.pt (+ best.json) only if ``metric`` improved on the current best.
+
+    ``fingerprint`` names the dataset and its split (``<index>/<split>``). A best model measured on another
+    dataset, split or metric is not comparable: the new model replaces it, with a warning, and
+    ``best.json`` records what it replaced.
+    """
     from ..io import atomic_write
 
     best_json = models_dir / "best.json"
     previous = None
     if best_json.exists():
         try:
-            previous = float(read_json(best_json)["value"])
+            old = read_json(best_json)
+            if old.get("metric") == metric and old.get("fingerprint", old.get("dataset_fingerprint")) == fingerprint:
+                previous = float(old["value"])
+            else:
+                console.print(f"[yellow]warning:[/] models/best.pt ({old.get('run_id')}) was measured on another dataset, split "
+                              f"or metric ({old.get('metric')}); replacing it with {run_id}")
         except (KeyError, ValueError, TypeError, json.JSONDecodeError):
             previous = None
-    if previous is not None and not value < previous:
+    if previous is not None and not improves(metric, value, previous):
         return False, previous
     data = model_path.read_bytes()
     atomic_write(models_dir / "best.pt", lambda p: p.write_bytes(data), suffix=".pt")
     write_json(best_json, {"run_id": run_id, "metric": metric, "value": value, "previous": previous,
-                           "dataset_fingerprint": fingerprint, "sha256": hashlib.sha256(data).hexdigest(),
+                           "dataset_fingerprint": fingerprint.split("/")[0], "fingerprint": fingerprint,
+                           "sha256": hashlib.sha256(data).hexdigest(),
                            "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     return True, previous

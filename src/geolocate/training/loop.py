@@ -104,9 +104,16 @@ class Trainer:
         opt = torch.optim.AdamW(head.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         return self._run("frozen", self.tc.epochs, head, opt, batches, train, val, evaluate, resume)
 
-    def fit_finetune(self, model: nn.Module, train: Split, val: Split, embed: Callable[[nn.Module, list[str], bool], torch.Tensor],
-                     resume: dict | None = None, history: list | None = None) -> dict:
-        """``embed(model, paths, augment)`` returns the preprocessed image batch; ``history`` continues the frozen phase's."""
+    def fit_finetune(self, model: nn.Module, train: Split, val: Split,
+                     batch_fn: Callable[[nn.Module, list[str], bool, torch.Generator | None], torch.Tensor],
+                     epochs: int, backbone_lr_mult: float, resume: dict | None = None, history: list | None = None,
+                     start_best_km: float = float("inf")) -> dict:
+        """Train backbone and head on images.
+
+        ``batch_fn(model, paths, augment, generator)`` returns the preprocessed batch. ``history`` continues the
+        frozen phase's; the model as it enters (the frozen best, ``start_best_km``) stays the one to beat, so
+        fine-tuning never ships a worse model than the frozen phase made.
+        """
         for p in model.backbone.parameters():
             p.requires_grad_(True)
 
@@ -115,24 +122,30 @@ class Trainer:
             perm = torch.randperm(len(train), generator=g)
             for s in range(0, len(train), self.tc.batch_size):
                 idx = perm[s:s + self.tc.batch_size]
-                yield embed(model, [train.paths[i] for i in idx], self.tc.augment), idx
+                yield batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g), idx
 
         @torch.no_grad()
         def evaluate() -> torch.Tensor:
             model.eval()
-            return torch.cat([model(embed(model, val.paths[s:s + 64], False)) for s in range(0, len(val), 64)])
+            return torch.cat([model(batch_fn(model, val.paths[s:s + 64], False, None)) for s in range(0, len(val), 64)])
 
         opt = torch.optim.AdamW([
             {"params": model.head.parameters(), "lr": self.tc.lr},
-            {"params": model.backbone.parameters(), "lr": self.tc.lr * self.tc.finetune_lr_mult},
+            {"params": model.backbone.parameters(), "lr": self.tc.lr * backbone_lr_mult},
         ], weight_decay=self.tc.weight_decay)
-        return self._run("finetune", self.tc.finetune_epochs, model, opt, batches, train, val, evaluate, resume, history)
+        start = None
+        if resume is None and start_best_km < float("inf"):
+            start = (start_best_km, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return self._run("finetune", epochs, model, opt, batches, train, val, evaluate, resume, history, start)
 
     def _run(self, phase: str, epochs: int, module: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
-             history: list | None = None) -> dict:
+             history: list | None = None, start: tuple[float, dict] | None = None) -> dict:
+        """The epoch loop shared by both phases; ``start`` = (km, state) of a model this phase must beat."""
         steps_per_epoch = max(1, math.ceil(len(train) / self.tc.batch_size))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, self.tc.warmup_epochs * steps_per_epoch))
         state = {"phase": phase, "epoch": 0, "best_km": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": list(history or []), "best_state": None}
+        if start is not None:
+            state["best_km"], state["best_state"] = start
         if resume and resume.get("phase") == phase:
             module.load_state_dict(resume["model"])
             opt.load_state_dict(resume["optimizer"])
