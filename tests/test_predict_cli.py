@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -94,3 +95,31 @@ def test_evaluate_command_matches_run_summary(trained):
     # image -> prediction through the predictor reproduces the run's cached-embedding evaluation
     assert m["median_km"] == pytest.approx(s["median_km"], rel=1e-3)
     assert m["top1_acc"] == pytest.approx(s["top1_acc"], abs=1e-9)
+
+
+def test_evaluate_skips_unreadable_images(trained_copy):
+    import polars as pl
+    cfg, _, model = trained_copy
+    df = pl.read_parquet(Path(cfg.paths.data_dir) / "index" / "images.parquet").join(
+        pl.read_parquet(Path(cfg.paths.data_dir) / "index" / "splits.parquet"), on="id")
+    test = df.filter(pl.col("split") == "test")
+    # point two test rows of the private index copy at a missing and a corrupt file
+    victim = Path(cfg.paths.data_dir) / "gone.jpg"
+    bad = Path(cfg.paths.data_dir) / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really")
+    ids = test["id"].to_list()[:2]
+    df2 = pl.read_parquet(Path(cfg.paths.data_dir) / "index" / "images.parquet").with_columns(
+        pl.when(pl.col("id") == ids[0]).then(pl.lit(str(victim))).when(pl.col("id") == ids[1]).then(pl.lit(str(bad)))
+        .otherwise(pl.col("path")).alias("path"))
+    df2.write_parquet(Path(cfg.paths.data_dir) / "index" / "images.parquet")
+    r = runner.invoke(app, ["evaluate", "--model", str(model), "--json", "--set", f"paths.data_dir={cfg.paths.data_dir}"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout[r.stdout.index("{"):])
+    assert m["n"] == test.height - 2 and np.isfinite(m["median_km"])
+    assert f"evaluated {test.height - 2} of {test.height} images" in r.output and "gone.jpg" in r.output
+
+
+def test_true_latlon_needs_exactly_one_image(trained, photos_dir):
+    _, _, model = trained
+    r = runner.invoke(app, ["predict", str(photos_dir), "--model", str(model), "--true-lat", "1", "--true-lon", "2"])
+    assert r.exit_code == 2 and "describe one image" in r.output

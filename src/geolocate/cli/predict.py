@@ -1,6 +1,7 @@
 """The predict command (also ``python -m geolocate.predict``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from enum import Enum
@@ -43,7 +44,7 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
     ok = bad = 0
-    with progress_bar("predict", len(paths)) if len(paths) > 1 else _null() as advance:
+    with progress_bar("predict", len(paths)) if len(paths) > 1 else contextlib.nullcontext(lambda *a, **k: None) as advance:
         for p in geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths):
             advance()
             if p.error:
@@ -71,14 +72,6 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
     return ok, bad
 
 
-class _null:
-    def __enter__(self):
-        return lambda *a, **k: None
-
-    def __exit__(self, *a):
-        return False
-
-
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
@@ -100,6 +93,8 @@ def register(app: typer.Typer) -> None:
         if (true_lat is None) != (true_lon is None):
             fail("give both --true-lat and --true-lon")
         if true_lat is not None:
+            if len(paths) != 1:
+                fail(f"--true-lat/--true-lon describe one image, but {len(paths)} were given")
             if not (-90 <= true_lat <= 90 and -180 <= true_lon <= 180):
                 fail(f"invalid --true-lat/--true-lon {true_lat}, {true_lon}")
             truths = [(true_lat, true_lon)] * len(paths)

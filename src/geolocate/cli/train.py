@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import ConfigOpt, SetOpt, fail, load_config, out_console
+from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 
 
 def train_cmd(cfg, resume: Path | None = None, tracker: str | None = None) -> Path:
@@ -83,16 +83,25 @@ def register(app: typer.Typer) -> None:
             fail(f"split {split!r} is empty")
         cells = [c["cell"] for c in geo.classes]
         pos = {c: i for i, c in enumerate(cells)}
-        scores, plat, plon = [], [], []
+        scores, plat, plon, keep = [], [], [], []
         with progress_bar(f"evaluate ({split})", part.height) as advance:
-            for p in geo.predict_iter(part["path"].to_list(), top_k=len(cells), truths=list(zip(part["lat"], part["lon"]))):
+            for i, p in enumerate(geo.predict_iter(part["path"].to_list(), top_k=len(cells), truths=list(zip(part["lat"], part["lon"])))):
+                advance()
+                if p.error:
+                    err_console.print(f"[yellow]skipped:[/] {p.error}", highlight=False, soft_wrap=True)
+                    continue
                 row = np.zeros(len(cells))
                 for c in p.top:
                     row[pos[c.cell]] = c.probability
                 scores.append(row)
-                plat.append(p.lat if p.lat is not None else np.nan)
-                plon.append(p.lon if p.lon is not None else np.nan)
-                advance()
+                plat.append(p.lat)
+                plon.append(p.lon)
+                keep.append(i)
+        if not keep:
+            fail(f"no image of split {split!r} could be read")
+        if len(keep) < part.height:
+            err_console.print(f"evaluated {len(keep)} of {part.height} images; {part.height - len(keep)} unreadable")
+        part = part[keep]
         y = np.array([pos.get(c, -1) for c in part["cell"].to_list()])
         m = evaluate(np.array(scores), y, part["lat"].to_numpy(), part["lon"].to_numpy(), np.array(plat), np.array(plon))
         if json_out:

@@ -10,6 +10,8 @@ or given — the error in km. Unreadable inputs give a Prediction with
 from __future__ import annotations
 
 import dataclasses as dc
+import itertools
+from collections import deque
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -168,19 +170,28 @@ class Geolocator:
 
     def predict_iter(self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32,
                      truths: Sequence[tuple[float, float] | None] | None = None) -> Iterator[Prediction]:
-        """Stream predictions in input order; decoding runs on threads alongside inference."""
+        """Stream predictions in input order; decoding runs on threads alongside inference.
+
+        At most two batches are decoded ahead of the model, so memory stays flat for any number of inputs.
+        """
         items = list(images)
         truths = list(truths) if truths is not None else [None] * len(items)
         with ThreadPoolExecutor(max_workers=2) as pool:
-            prepared = pool.map(lambda a: self._prepare(*a), zip(items, truths))
+            pending: deque = deque()
+            todo = iter(zip(items, truths))
+
+            def top_up() -> None:
+                for args in itertools.islice(todo, 2 * batch_size - len(pending)):
+                    pending.append(pool.submit(self._prepare, *args))
+
+            top_up()
             buf: list[tuple[np.ndarray | None, Prediction]] = []
-            for entry in prepared:
-                buf.append(entry)
-                if len(buf) == batch_size:
+            while pending:
+                buf.append(pending.popleft().result())
+                top_up()
+                if len(buf) == batch_size or not pending:
                     yield from self._run(buf, top_k)
                     buf = []
-            if buf:
-                yield from self._run(buf, top_k)
 
     def _run(self, buf, top_k: int) -> Iterator[Prediction]:
         arrays = [a for a, _ in buf if a is not None]
