@@ -73,6 +73,19 @@ def test_manifest_source(tmp_path, photos_dir):
     cfg = tiny_config(tmp_path, **{"source.manifest.path": str(m)})
     res = get_source("manifest")(cfg, tmp_path / "raw")
     assert [(Path(r.path).name, r.sequence_id, r.view) for r in res.records] == [("a.jpg", "s1", "N"), ("b.jpg", "s1", "E")]
+    # multi-view rows without sequence ids: views of one location share a sequence and keep distinct ids
+    mv = tmp_path / "mv.csv"
+    mv.write_text("id,path,lat,lon,view\nL1,img/a.jpg,43.46,11.88,N\nL1,img/b.jpg,43.46,11.88,E\n,img/a.jpg,10,20,S\n,img/b.jpg,10,20,W\n")
+    cfg.source.manifest.path = str(mv)
+    recs = get_source("manifest")(cfg, tmp_path / "raw").records
+    assert [r.id for r in recs[:2]] == ["L1-N", "L1-E"] and {r.sequence_id for r in recs[:2]} == {"L1"}
+    assert recs[2].sequence_id == recs[3].sequence_id == "loc-10.000000,20.000000" and recs[2].id != recs[3].id
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 nope")
+    cfg.source.manifest.path = str(broken)
+    with pytest.raises(ValueError, match="broken.parquet: cannot read it"):
+        get_source("manifest")(cfg, tmp_path / "raw")
+    cfg.source.manifest.path = str(m)
     assert sorted(s.reason.split(" ")[0] for s in res.skipped) == ["file", "invalid"]
     bad = tmp_path / "bad.csv"
     bad.write_text("file,latitude\nx,1\n")
@@ -88,6 +101,9 @@ def test_append_records_survives_torn_line(tmp_path):
     with open(p, "a") as fh:
         fh.write('{"id": "torn", "pa')  # a writer killed mid-line
     append_records(p, [ImageRecord(id="b", path="y", lat=1.0, lon=2.0, sequence_id="s", source="t")])
+    assert [r.id for r in read_records(p)] == ["a", "b"]
+    with open(p, "a") as fh:
+        fh.write("[1, 2]\n")
     assert [r.id for r in read_records(p)] == ["a", "b"]
 
 
@@ -148,7 +164,10 @@ def test_index_sources_option_selects_records(tmp_path):
     other = Path(cfg.paths.data_dir) / "records" / "manifest.jsonl"
     append_records(other, [ImageRecord(id="m1", path="x.jpg", lat=10.0, lon=10.0, sequence_id="s", source="manifest")])
     assert build_index(cfg, plot=False)["sources"] == {"earth": 30, "manifest": 1}
+    make_splits(cfg)
+    assert (Path(cfg.paths.data_dir) / "index" / "splits.parquet").exists()
     cfg.index.sources = ["manifest"]
     assert build_index(cfg, plot=False)["sources"] == {"manifest": 1}
+    assert not (Path(cfg.paths.data_dir) / "index" / "splits.parquet").exists()  # the old split is stale
     from geolocate.config import Config
     assert Config.load(Path(__file__).parents[1] / "configs" / "mapillary.yaml").index.sources == ["mapillary"]

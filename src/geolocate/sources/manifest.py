@@ -21,10 +21,10 @@ REQUIRED = ("path", "lat", "lon")
 def read_manifest(path: Path) -> pl.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    if path.suffix.lower() == ".parquet":
-        df = pl.read_parquet(path)
-    else:
-        df = pl.read_csv(path, infer_schema_length=10000)
+    try:
+        df = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=10000)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise ValueError(f"manifest {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}")
@@ -33,9 +33,9 @@ def read_manifest(path: Path) -> pl.DataFrame:
 
 @register_source("manifest")
 def build_manifest(cfg, out_dir: Path, progress=None) -> SourceResult:
-    mpath = Path(cfg.source.manifest.path)
     if not cfg.source.manifest.path:
         raise ValueError("manifest source needs source.manifest.path (CSV or parquet)")
+    mpath = Path(cfg.source.manifest.path)
     df = read_manifest(mpath)
     records, skipped = [], []
     for row in df.iter_rows(named=True):
@@ -55,11 +55,16 @@ def build_manifest(cfg, out_dir: Path, progress=None) -> SourceResult:
         if not p.is_file():
             skipped.append(Skipped(str(p), "file not found"))
             continue
-        rid = str(row["id"]) if row.get("id") not in (None, "") else stable_id("img", p)
+        view = str(row["view"]) if row.get("view") not in (None, "") else None
+        given_id = str(row["id"]) if row.get("id") not in (None, "") else None
+        # record ids are per image: views of one location (same id, or same coordinates) differ by their view
+        rid = (f"{given_id}-{view}" if view else given_id) if given_id else stable_id("img", p)
         seq = row.get("sequence_id")
-        records.append(ImageRecord(id=rid, path=str(p.resolve()), lat=lat, lon=lon,
-                                   sequence_id=str(seq) if seq not in (None, "") else rid, source="manifest",
-                                   view=str(row["view"]) if row.get("view") not in (None, "") else None))
+        if seq in (None, ""):
+            # no sequence given: one location (its id, else its coordinates) is one sequence, so its views stay together
+            seq = given_id or (f"loc-{lat:.6f},{lon:.6f}" if view else rid)
+        records.append(ImageRecord(id=rid, path=str(p.resolve()), lat=lat, lon=lon, sequence_id=str(seq),
+                                   source="manifest", view=view))
     result = SourceResult(records=records, skipped=skipped)
     save_source_records(cfg, "manifest", result)
     return result

@@ -322,7 +322,8 @@ class Downloader:
                  progress: Callable[..., None] | None = None):
         self.opts = opts
         self.data_dir = Path(data_dir)
-        self.raw_dir = Path(raw_dir) if raw_dir is not None else self.data_dir / "raw" / "mapillary"
+        # absolute, so records, ledger and clean-raw agree whatever the working directory
+        self.raw_dir = (Path(raw_dir) if raw_dir is not None else self.data_dir / "raw" / "mapillary").resolve()
         self.state_dir = self.data_dir / "state"
         self.ledger_path = self.state_dir / "mapillary.sqlite"
         self.records_path = records_dir(self.data_dir) / "mapillary.jsonl"
