@@ -171,6 +171,14 @@ def test_snapshot_create_verify_tamper(trained_copy, exported):
     # never overwritten
     with pytest.raises(SnapshotError, match="already exists"):
         create_snapshot(cfg, name=snap.name)
+    # a model is never shipped with an index it was not trained on
+    stats_path = Path(cfg.paths.data_dir) / "index" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats_path.write_text(json.dumps({**stats, "fingerprint": "0123456789abcdef"}))
+    with pytest.raises(SnapshotError, match="not the one the best model was trained on"):
+        create_snapshot(cfg, name="mismatch")
+    assert not (Path(cfg.paths.exports_dir) / "mismatch").exists()
+    stats_path.write_text(json.dumps(stats))
 
     # tamper one byte
     victim = snap / "data" / "index" / "labels.json"

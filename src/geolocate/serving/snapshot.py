@@ -17,6 +17,7 @@ extra file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses as dc
 import datetime as dt
 import os
@@ -154,9 +155,11 @@ def create_snapshot(cfg: Config, name: str | None = None, now: dt.datetime | Non
         raise SnapshotError(f"the best model's run {run_dir} does not exist")
     if not index_dir.is_dir():
         raise SnapshotError(f"no dataset index at {index_dir}: run `geolocate index` first")
-    model_sha = file_sha256(best_pt)
-    if best.get("sha256") and best["sha256"] != model_sha:
-        raise SnapshotError(f"{best_pt} does not match the sha256 recorded in {best_json}: refusing to snapshot it")
+    stats_json = index_dir / "stats.json"
+    index_fp = read_json(stats_json).get("fingerprint") if stats_json.is_file() else None
+    if best.get("dataset_fingerprint") and index_fp != best["dataset_fingerprint"]:
+        raise SnapshotError(f"the index in {index_dir} (fingerprint {index_fp}) is not the one the best model was trained on "
+                            f"({best['dataset_fingerprint']}): rebuild that index or train on this one before exporting")
 
     now = now or dt.datetime.now(dt.timezone.utc)
     name = name or f"{now.strftime('%Y%m%dT%H%M%SZ')}_{run_id}"
@@ -172,6 +175,9 @@ def create_snapshot(cfg: Config, name: str | None = None, now: dt.datetime | Non
         (tmp / "models").mkdir()
         shutil.copy2(best_pt, tmp / "models" / "best.pt")
         shutil.copy2(best_json, tmp / "models" / "best.json")
+        model_sha = file_sha256(tmp / "models" / "best.pt")  # the bytes that ship, even if best.pt is promoted meanwhile
+        if best.get("sha256") and best["sha256"] != model_sha:
+            raise SnapshotError(f"{best_pt} does not match the sha256 recorded in {best_json}: refusing to snapshot it")
         onnx_src = best_pt.with_suffix(".onnx")
         try:
             fresh = onnx_src.is_file() and read_onnx_metadata(onnx_src).get("source_sha256") == model_sha
@@ -196,7 +202,11 @@ def create_snapshot(cfg: Config, name: str | None = None, now: dt.datetime | Non
             os.mkdir(target)
         except FileExistsError:
             raise SnapshotError(f"snapshot {target} already exists; snapshots are never overwritten") from None
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            target.rmdir()  # give the claimed name back
+            raise
         target.chmod((target.stat().st_mode | _READ | _EXEC) & _NO_WRITE)
     except BaseException:
         _force_rmtree(tmp)
@@ -209,17 +219,9 @@ def _force_rmtree(path: Path) -> None:
         return
     for dirpath, dirnames, _ in os.walk(path):
         for d in [dirpath, *(os.path.join(dirpath, x) for x in dirnames)]:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.chmod(d, 0o755)
     shutil.rmtree(path, ignore_errors=True)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def read_manifest(path: Path) -> tuple[dict[str, str], list[str]]:
