@@ -127,7 +127,6 @@ class TrainConfig:
 @dc.dataclass
 class EvalConfig:
     knn_k: int = 1
-    top_k: int = 5
     gate_metric: str = "median_km"  # test metric that decides models/best.pt (direction known per metric)
 
 

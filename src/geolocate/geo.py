@@ -14,6 +14,7 @@ import h3
 import numpy as np
 
 EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
+KM_PER_DEG = np.pi * EARTH_RADIUS_KM / 180.0  # one degree of latitude (of longitude at the equator)
 
 
 def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:

@@ -120,9 +120,9 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, name: str | None
     return _to_rgb(_decode(source, name, draft=(draft, draft) if draft else None))
 
 
-def check_image(path: str | os.PathLike) -> tuple[int, int]:
-    """Cheaply prove a file decodes (JPEG draft mode); return its size or raise ImageError."""
-    return _decode(path, None, draft=(256, 256)).size
+def check_image(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[int, int]:
+    """Cheaply prove a file or bytes decode (JPEG draft mode: truncation is still caught); return the size or raise ImageError."""
+    return _decode(source, name, draft=(256, 256)).size
 
 
 def _decode(source: str | os.PathLike | bytes, name: str | None, draft: tuple[int, int] | None = None) -> Image.Image:

@@ -37,7 +37,9 @@ def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, train_lat: np
         for c in np.unique(train_labels):
             cols = train_labels == c
             scores[s:s + chunk, c] = sim[:, cols].max(axis=1)
-        nn_idx = np.argsort(-sim, axis=1)[:, :k]
+        kk = min(k, sim.shape[1])
+        part = np.argpartition(-sim, kth=kk - 1, axis=1)[:, :kk]  # the k best, then in order
+        nn_idx = np.take_along_axis(part, np.argsort(-np.take_along_axis(sim, part, axis=1), axis=1), axis=1)
         for r, row in enumerate(nn_idx):
             labs = train_labels[row]
             vals, cnt = np.unique(labs, return_counts=True)

@@ -35,6 +35,7 @@ from typing import Any
 import polars as pl
 
 from ..io import write_parquet, write_text
+from .tracking import flatten as flat_dict
 
 WEIGHTS = {"val_top1_acc": 0.40, "val_p90_km": 0.30, "val_median_km": 0.30, "missing_artifact": 0.05}
 ANTIPODE_KM = 20015.0
@@ -221,15 +222,6 @@ def resolve_run(ref: str | Path, runs_dir: str | Path) -> Path:
     raise FileNotFoundError(f"no run {ref!r} (a folder with summary.json) in {runs_dir} or as a path")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
 LOWER_IS_BETTER = ("mean_km", "median_km", "p90_km", "p95_km")
 
 
@@ -255,9 +247,9 @@ def compare(a: Path, b: Path) -> dict:
 
     def cfg(run: Path, s: dict) -> dict:
         try:
-            return _flat(json.loads((run / "config.json").read_text(encoding="utf-8")))
+            return flat_dict(json.loads((run / "config.json").read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError):
-            return _flat(s.get("config") or {})
+            return flat_dict(s.get("config") or {})
 
     ca, cb = cfg(a, sa), cfg(b, sb)
     diff = [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]

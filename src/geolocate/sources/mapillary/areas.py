@@ -17,10 +17,9 @@ import unicodedata
 from pathlib import Path
 from typing import Iterable
 
-from ...geo import EARTH_RADIUS_KM
+from ...geo import KM_PER_DEG
 
 BBox = tuple[float, float, float, float]
-KM_PER_DEG_LAT = math.pi * EARTH_RADIUS_KM / 180.0
 # Below this side length (about 1 m) a bbox is not split any further.
 MIN_SIDE_DEG = 1e-5
 
@@ -68,8 +67,8 @@ def circle_bbox(lat: float, lon: float, radius_km: float) -> BBox:
         raise AreaError(f"centre ({lat}, {lon}) is out of range")
     if not radius_km > 0:
         raise AreaError(f"radius_km must be > 0, got {radius_km}")
-    dlat = radius_km / KM_PER_DEG_LAT
-    dlon = radius_km / (KM_PER_DEG_LAT * max(math.cos(math.radians(lat)), 1e-6))
+    dlat = radius_km / KM_PER_DEG
+    dlon = radius_km / (KM_PER_DEG * max(math.cos(math.radians(lat)), 1e-6))
     return (max(lon - dlon, -180.0), max(lat - dlat, -90.0), min(lon + dlon, 180.0), min(lat + dlat, 90.0))
 
 

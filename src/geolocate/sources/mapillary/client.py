@@ -23,7 +23,7 @@ from typing import Any, Callable
 import httpx
 import tenacity
 
-from ...io import ImageError, load_image
+from ...io import ImageError, check_image
 
 THUMB_SIZES = ("256", "1024", "2048", "original")
 LIST_FIELDS = ("id", "geometry", "computed_geometry", "captured_at", "compass_angle", "sequence", "is_pano", "creator", "quality_score")
@@ -343,7 +343,7 @@ class MapillaryClient:
             if declared is not None and declared.isdigit() and int(declared) != len(data):
                 raise TransientError(f"{what}: truncated body ({len(data)} of {declared} bytes)")
             try:
-                load_image(data, name=what)
+                check_image(data, name=what)
             except ImageError as e:
                 raise BadImageError(str(e)) from None
             return data

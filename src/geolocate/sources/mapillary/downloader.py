@@ -26,7 +26,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ...io import ImageError, load_image, write_bytes, write_json
+from ...io import ImageError, check_image, write_bytes, write_json
 from ...progress import console, progress_bar
 from ..base import ImageRecord, append_records, read_records, records_dir, write_records
 from .areas import Area, AreaError, BBox, can_split, find_city, format_bbox, leaf_tiles, parse_bbox, read_cities_csv, split4
@@ -529,8 +529,8 @@ class Downloader:
         path = self.raw_dir / f"{image_id}.jpg"
         if path.is_file():
             try:
-                load_image(path)
                 data = path.read_bytes()
+                check_image(data, name=str(path))
                 return Fetched(image_id, str(path), len(data), _sha256(data), adopted=True)
             except ImageError:
                 path.unlink(missing_ok=True)
