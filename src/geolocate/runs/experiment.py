@@ -46,6 +46,16 @@ def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str) -> tuple[Split
 
 
 def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str | None = None) -> Path:
+    """Deterministic kernels for the run; the caller's torch setting is restored afterwards."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _run_experiment(cfg, resume, tracker)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None) -> Path:
     t_start = time.time()
     trk = get_tracker(tracker)  # an unusable tracker fails here, before any training
     runs_dir = Path(cfg.paths.runs_dir)
@@ -61,7 +71,6 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_dict())
     seed_everything(cfg.train.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
     df, labels, stats = load_index(cfg)
     if "split" not in df.columns or df["split"].null_count() == df.height:

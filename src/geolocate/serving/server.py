@@ -18,6 +18,7 @@ while streaming); non-images get 415, corrupt or truncated images 422.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import threading
 import time
@@ -130,9 +131,15 @@ def split_antimeridian(polygon: dict) -> dict:
     return {"type": "MultiPolygon", "coordinates": pieces}
 
 
+@functools.lru_cache(maxsize=8192)
+def cell_geometry(cell: str) -> dict:
+    """A cell's polygon, split at the antimeridian; computed once per cell (treat as read-only)."""
+    return split_antimeridian(cell_polygon_geojson(cell))
+
+
 def cells_feature_collection(pred: Prediction) -> dict:
     return {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "id": c.cell, "geometry": split_antimeridian(cell_polygon_geojson(c.cell)),
+        {"type": "Feature", "id": c.cell, "geometry": cell_geometry(c.cell),
          "properties": {"rank": i, "cell": c.cell, "place": c.place, "probability": c.probability, "lat": c.lat, "lon": c.lon}}
         for i, c in enumerate(pred.top, 1)]}
 
