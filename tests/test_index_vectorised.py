@@ -1,7 +1,9 @@
 """Vectorised H3 cell assignment and sequence-aware splits against simple per-row references."""
 from __future__ import annotations
 
+import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import h3
 import numpy as np
@@ -10,20 +12,13 @@ import pytest
 from geolocate.index.build import _h3_parent, assign_cells
 from geolocate.index.split import SPLITS, assign_splits
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_index import loop_assign_cells  # noqa: E402
+
 
 def reference_cells(lat, lon, resolution, min_samples, policy):
-    """The original loop: one h3 call per point, merge small cells into parents level by level."""
-    cells = [h3.latlng_to_cell(float(a), float(o), resolution) for a, o in zip(lat, lon)]
-    res = resolution
-    while True:
-        counts = Counter(c for c in cells if c is not None)
-        small = {c for c, n in counts.items() if n < min_samples}
-        if not small:
-            return cells
-        if policy == "drop" or res == 0:
-            return [None if c in small else c for c in cells]
-        res -= 1
-        cells = [h3.cell_to_parent(c, res) if c in small else c for c in cells]
+    """The original per-row loop (kept in the benchmark, which times it against the vectorised version)."""
+    return loop_assign_cells(lat, lon, resolution, min_samples, policy)
 
 
 def clustered_points(n: int, seed: int, clusters: int = 25, spread_deg: float = 2.5):

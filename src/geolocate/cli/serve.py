@@ -11,6 +11,8 @@ from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_conso
 from .predict import Engine
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="model file (.pt)")]
+CheckOpt = Annotated[bool, typer.Option("--check/--no-check", help="compare with PyTorch (max |Δp| ≤ 1e-4)")]
+CheckImagesOpt = Annotated[Optional[list[Path]], typer.Option("--check-images", help="images/folders for the parity check")]
 
 
 def _check_images(paths: list[Path] | None) -> list[Path] | None:
@@ -57,33 +59,19 @@ def register(app: typer.Typer) -> None:
     def export_onnx_command(
         model: ModelOpt = Path("models/best.pt"),
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output file (default: the model path with .onnx)")] = None,
-        check: Annotated[bool, typer.Option("--check/--no-check", help="compare with PyTorch (max |Δp| ≤ 1e-4)")] = True,
-        check_images: Annotated[Optional[list[Path]], typer.Option("--check-images", help="images/folders for the parity check")] = None,
+        check: CheckOpt = True, check_images: CheckImagesOpt = None,
     ):
         """ONNX file (opset 17, dynamic batch axis) returning logits and probabilities."""
-        from ..serving.export import ExportError, export_onnx
-
-        try:
-            path, diff = export_onnx(model, out, check=check, check_images=_check_images(check_images))
-        except (FileNotFoundError, ValueError, ExportError, OSError) as e:
-            fail(str(e))
-        _report(path, diff)
+        _run_export("export_onnx", model, out, check, check_images)
 
     @app.command("export-torchscript")
     def export_torchscript_command(
         model: ModelOpt = Path("models/best.pt"),
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output file (default: <model>.torchscript.pt)")] = None,
-        check: Annotated[bool, typer.Option("--check/--no-check", help="compare with PyTorch (max |Δp| ≤ 1e-4)")] = True,
-        check_images: Annotated[Optional[list[Path]], typer.Option("--check-images", help="images/folders for the parity check")] = None,
+        check: CheckOpt = True, check_images: CheckImagesOpt = None,
     ):
         """Traced TorchScript file returning (logits, probabilities); load with torch.jit.load."""
-        from ..serving.export import ExportError, export_torchscript
-
-        try:
-            path, diff = export_torchscript(model, out, check=check, check_images=_check_images(check_images))
-        except (FileNotFoundError, ValueError, ExportError, OSError) as e:
-            fail(str(e))
-        _report(path, diff)
+        _run_export("export_torchscript", model, out, check, check_images)
 
     @app.command("export")
     def export_command(
@@ -117,6 +105,17 @@ def register(app: typer.Typer) -> None:
         err_console.print(f"[bold red]FAILED:[/] {path}: {len(report.changed)} changed, {len(report.missing)} missing, "
                           f"{len(report.extra)} extra, {len(report.problems)} other problems", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _run_export(exporter: str, model: Path, out: Path | None, check: bool, check_images: list[Path] | None) -> None:
+    """Run one of serving.export's exporters and report the file and its parity with PyTorch."""
+    from ..serving import export
+
+    try:
+        path, diff = getattr(export, exporter)(model, out, check=check, check_images=_check_images(check_images))
+    except (FileNotFoundError, ValueError, export.ExportError, OSError) as e:
+        fail(str(e))
+    _report(path, diff)
 
 
 def _report(path: Path, diff: float | None) -> None:
