@@ -627,3 +627,14 @@ def test_registered_source_reads_cfg(fake, tmp_path, monkeypatch):
     assert len(result.records) == 103 and sum(calls) == 103 and result.skipped == []
     assert all(isinstance(r, ImageRecord) and r.source == "mapillary" for r in result.records)
     check_dataset(tmp_path, srv, srv.ids(is_pano=False))
+
+
+def test_ledger_gives_up_on_an_image_after_max_attempts(tmp_path):
+    from geolocate.sources.mapillary.ledger import ListedImage
+    with Ledger(tmp_path / "l.sqlite") as led:
+        led.add_listed("a", [ListedImage(id="1", lat=45.0, lon=4.8, sequence_id="s"), ListedImage(id="2", lat=45.0, lon=4.8, sequence_id="s")])
+        for _ in range(3):
+            led.mark_failed("1", "HTTP 500")
+        assert led.statuses(["1", "2", "3"], max_attempts=5) == {"1": "failed", "2": "listed"}
+        assert led.statuses(["1"], max_attempts=3) == {"1": "given_up"}   # a re-listing will not submit it again
+        assert [r["id"] for r in led.pending(3)] == ["2"]

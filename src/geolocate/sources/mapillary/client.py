@@ -244,9 +244,12 @@ class MapillaryClient:
 
         def wait(rs: tenacity.RetryCallState) -> float:
             exc = rs.outcome.exception()
-            if isinstance(exc, QuotaError) and exc.retry_after is not None:
-                # as long as the server asks (never less than the first backoff, so "0" cannot make us hammer it)
-                return min(max(exc.retry_after, policy.backoff_s), policy.quota_max_wait_s)
+            if isinstance(exc, QuotaError):
+                left = max(policy.quota_max_wait_s - rs.seconds_since_start, 0.0)  # never wait past the quota budget
+                if exc.retry_after is not None:
+                    # as long as the server asks (never less than the first backoff, so "0" cannot make us hammer it)
+                    return min(max(exc.retry_after, policy.backoff_s), left)
+                return min(float(jittered(rs)), left)
             return float(jittered(rs))
 
         def before_sleep(rs: tenacity.RetryCallState) -> None:

@@ -485,7 +485,7 @@ class Downloader:
                 stats.filtered += 1
             else:
                 parsed.setdefault(im.id, im)
-        known = ledger.statuses(parsed)
+        known = ledger.statuses(parsed, MAX_ATTEMPTS_PER_IMAGE)
         new = [im for i, im in parsed.items() if i not in known]
         if room is not None:
             new = new[:max(room, 0)]
@@ -498,7 +498,8 @@ class Downloader:
 
     def _do_pending(self) -> None:
         """Images listed but not on disk (killed run, failures): fetch with a fresh URL from the API."""
-        rows = [r for r in self._ledger.pending(MAX_ATTEMPTS_PER_IMAGE) if r["id"] not in self._inflight_ids | self._failed_now]
+        skip = self._inflight_ids | self._failed_now
+        rows = [r for r in self._ledger.pending(MAX_ATTEMPTS_PER_IMAGE) if r["id"] not in skip]
         rows = [r for r in rows if self.opts.filters.accepts(row_to_listed(r))]
         if not rows:
             return

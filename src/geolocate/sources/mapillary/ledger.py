@@ -125,14 +125,15 @@ class Ledger:
         self.close()
 
     # ---- listing ---------------------------------------------------------
-    def statuses(self, ids: Iterable[str]) -> dict[str, str]:
-        """{id: status} for the ids already in the ledger."""
+    def statuses(self, ids: Iterable[str], max_attempts: int) -> dict[str, str]:
+        """{id: status} for the ids already in the ledger; a failed image out of attempts reads "given_up"."""
         ids = list(ids)
         out: dict[str, str] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            q = f"SELECT id, status FROM images WHERE id IN ({','.join('?' * len(chunk))})"
-            out.update({r["id"]: r["status"] for r in self.db.execute(q, chunk)})
+            q = (f"SELECT id, CASE WHEN status = 'failed' AND attempts >= ? THEN 'given_up' ELSE status END AS status "
+                 f"FROM images WHERE id IN ({','.join('?' * len(chunk))})")
+            out.update({r["id"]: r["status"] for r in self.db.execute(q, [max_attempts, *chunk])})
         return out
 
     def add_listed(self, area: str, images: Iterable[ListedImage]) -> int:
