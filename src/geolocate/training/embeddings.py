@@ -81,7 +81,7 @@ def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int
 def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequence[str], cache_dir: str | Path,
                       batch_size: int = 32, engine: str = "onnx") -> tuple[np.ndarray, np.ndarray]:
     """Features for ``ids`` using and refreshing the on-disk cache."""
-    cache = Path(cache_dir) / f"{backbone.name.replace(':', '_').replace('/', '_')}.npz"
+    cache = Path(cache_dir) / f"{backbone.cache_name}.npz"
     keys = np.asarray([file_key(p) for p in paths])
     ids_arr = np.asarray(ids)
     old: dict[str, tuple[str, np.ndarray]] = {}
