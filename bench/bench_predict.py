@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         agree = float(np.mean([a == b for a, b in zip(e2e_torch.pop("top1"), e2e_onnx.pop("top1"))]))
 
         pp = torch_geo.preprocess
-        uniq = {p: pp.image_to_array(load_image(p, draft=pp.size * 2)) for p in dict.fromkeys(files)}
+        uniq = {p: pp.load_array(p) for p in dict.fromkeys(files)}
         batch = np.stack([uniq[p] for p in files]).astype(np.float32)
         mo_onnx, p_onnx = model_only(onnx_geo, batch, args.batch_size)
         mo_torch, p_torch = model_only(torch_geo, batch, args.batch_size)

@@ -16,7 +16,6 @@ import torch
 from typer.testing import CliRunner
 
 from geolocate.cli import app
-from geolocate.io import load_image
 from geolocate.models import load_model
 from geolocate.serving import Geolocator
 from geolocate.serving.export import file_sha256, load_torchscript
@@ -46,7 +45,7 @@ def reference(exported, photos_dir):
     """(model, info, preprocessed real photos, PyTorch probabilities) computed once."""
     model, info = load_model(exported[0])
     pp = model.preprocess
-    x = torch.from_numpy(np.stack([pp.image_to_array(load_image(photos_dir / n, draft=pp.size * 2)) for n in PHOTOS]))
+    x = torch.from_numpy(pp.batch([photos_dir / n for n in PHOTOS]))  # the one decode path
     with torch.inference_mode():
         ref = torch.softmax(model(x), dim=1).numpy()
     return model, info, x, ref

@@ -44,20 +44,34 @@ def _bare_tiff_app1(im: Image.Image) -> Image.Exif:
     return exif
 
 
+def image_exif(im: Image.Image) -> Image.Exif:
+    """The EXIF block of an opened image (empty when it has none or it is malformed); never raises."""
+    try:
+        exif = im.getexif()
+        return exif if exif else _bare_tiff_app1(im)
+    except Exception:  # noqa: BLE001 - malformed EXIF is no EXIF
+        return Image.Exif()
+
+
 def read_exif(path: str | Path) -> dict:
     """Return {'lat', 'lon', 'captured_at', 'make', 'heading'}; missing values are None.
 
     Never raises for a readable image whose EXIF is absent or malformed.
     """
-    out: dict = {"lat": None, "lon": None, "captured_at": None, "make": None, "heading": None}
     try:
         with Image.open(path) as im:
-            exif = im.getexif()
-            if not exif:
-                exif = _bare_tiff_app1(im)
-            gps = exif.get_ifd(_GPS_IFD) if exif else {}
-            sub = exif.get_ifd(_EXIF_IFD) if exif else {}
-    except Exception:
+            return exif_metadata(image_exif(im))
+    except Exception:  # noqa: BLE001 - unreadable file: no metadata
+        return exif_metadata(Image.Exif())
+
+
+def exif_metadata(exif: Image.Exif) -> dict:
+    """{'lat', 'lon', 'captured_at', 'make', 'heading'} from a parsed EXIF block; missing values are None."""
+    out: dict = {"lat": None, "lon": None, "captured_at": None, "make": None, "heading": None}
+    try:
+        gps = exif.get_ifd(_GPS_IFD) if exif else {}
+        sub = exif.get_ifd(_EXIF_IFD) if exif else {}
+    except Exception:  # noqa: BLE001
         return out
     if gps:
         lat = _dms(gps.get(2), gps.get(1, "N")) if 2 in gps else None

@@ -7,6 +7,7 @@ target, so a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -55,6 +56,14 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any], suffix:
     with atomic_path(path, suffix=suffix) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -121,8 +130,15 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, name: str | None
     JPEG decode at a reduced scale no smaller than that many pixels a side.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(source)
-    return _to_rgb(_decode(source, name, draft=(draft, draft) if draft else None))
+        return to_rgb(source)
+    return to_rgb(_decode(source, name, draft=(draft, draft) if draft else None))
+
+
+def decode_image(source: str | os.PathLike | bytes, name: str | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
+    """The decoded image as stored (no mode conversion, no EXIF orientation); errors as :class:`ImageError`.
+
+    ``draft`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale while staying at least that size."""
+    return _decode(source, name, draft=draft)
 
 
 def check_image(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[int, int]:
@@ -165,8 +181,10 @@ def _decode(source: str | os.PathLike | bytes, name: str | None, draft: tuple[in
         raise ImageError(f"{label}: corrupt or truncated image ({e})") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    im = ImageOps.exif_transpose(im)
+def to_rgb(im: Image.Image, transpose: bool = True) -> Image.Image:
+    """8-bit RGB (16-bit and float scaled, alpha composited on white); EXIF orientation applied if ``transpose``."""
+    if transpose:
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
         hi = arr.max() if arr.size and arr.max() > 0 else 1.0

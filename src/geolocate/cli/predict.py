@@ -15,8 +15,13 @@ from .common import err_console, fail, out_console
 
 class Engine(str, Enum):
     """Inference engines of :class:`geolocate.serving.Geolocator`."""
-    torch = "torch"
+    auto = "auto"
     onnx = "onnx"
+    torch = "torch"
+
+
+ENGINE_HELP = ("auto (default): ONNX Runtime from <model>.onnx, exported on first use and whenever the model changes, "
+               "PyTorch if the export fails its parity check; onnx: ONNX Runtime or fail; torch: PyTorch eager")
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -32,7 +37,7 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = False, truths=None, batch_size: int = 32,
-                  engine: str = "torch") -> tuple[int, int]:
+                  engine: str = "auto") -> tuple[int, int]:
     """Print predictions; return (ok, failed) counts."""
     from rich.table import Table
 
@@ -82,8 +87,7 @@ def register(app: typer.Typer) -> None:
         true_lon: Annotated[Optional[float], typer.Option("--true-lon", help="known longitude (single image)")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="one JSON object per image")] = False,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
-        engine: Annotated[Engine, typer.Option("--engine", case_sensitive=False,
-                                               help="torch (PyTorch eager) or onnx (ONNX Runtime; exports <model>.onnx on first use)")] = Engine.torch,
+        engine: Annotated[Engine, typer.Option("--engine", case_sensitive=False, help=ENGINE_HELP)] = Engine.auto,
     ):
         """Top-k H3 cells with place names, predicted lat/lon, confidence, km error when the truth is known."""
         paths = expand_inputs(inputs)

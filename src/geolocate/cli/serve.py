@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
-from .predict import Engine
+from .predict import ENGINE_HELP, Engine
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="model file (.pt)")]
 CheckOpt = Annotated[bool, typer.Option("--check/--no-check", help="compare with PyTorch (max |Δp| ≤ 1e-4)")]
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         model: ModelOpt = Path("models/best.pt"),
         host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
-        engine: Annotated[Engine, typer.Option("--engine", help="inference engine", case_sensitive=False)] = Engine.torch,
+        engine: Annotated[Engine, typer.Option("--engine", help=ENGINE_HELP, case_sensitive=False)] = Engine.auto,
         max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="largest accepted upload")] = 20.0,
     ):
         """HTTP API (POST /predict, GET /health, GET /model, docs at /docs) and a web page at /."""

@@ -16,40 +16,13 @@ missing weight fails fast with a clear message.
 from __future__ import annotations
 
 import contextlib
-import dataclasses as dc
 import io
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-
-@dc.dataclass(frozen=True)
-class Preprocess:
-    """Resize the short side to ``size``, centre-crop a square, scale to [0, 1], normalise."""
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def to_dict(self) -> dict:
-        return dc.asdict(self)
-
-    def image_to_array(self, im: Image.Image) -> np.ndarray:
-        """(3, size, size) float32 array for one RGB image."""
-        w, h = im.size
-        s = self.size / min(w, h)
-        nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
-        im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        im = im.crop((left, top, left + self.size, top + self.size))
-        a = np.asarray(im, dtype=np.float32) / 255.0
-        a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(a.transpose(2, 0, 1))
-
-    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.image_to_array(im) for im in images]))
+from ..preprocess import Preprocess
 
 
 class Backbone(nn.Module):

@@ -1,16 +1,22 @@
 """Torch module -> ONNX bytes -> ONNX Runtime session: the one place both are done.
 
 Used by the embedding cache (frozen backbones run ~5x faster under ONNX
-Runtime on CPU) and by the serving exports.
+Runtime on CPU) and by the serving exports. A backbone's export is cached on
+disk, keyed by its weights, so extraction builds it once, not on every call.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+
+from ..io import atomic_write
+from ..runtime import ort_session
 
 OPSET = 17
 
@@ -28,31 +34,41 @@ def to_onnx_bytes(module: nn.Module, example: torch.Tensor, input_name: str, out
     return buf.getvalue()
 
 
-def ort_session(source: str | Path | bytes, threads: int | None = None):
-    """A CPU ONNX Runtime session over a file or bytes."""
-    import onnxruntime as ort
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names, shapes, bytes): what its export depends on."""
+    h = hashlib.sha256(f"torch {torch.__version__} opset {OPSET}".encode())
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle intra-op threads sleep instead of spinning: on a shared CPU (a server decoding uploads on other
-    # threads) spinning took ~35% of the concurrent throughput here, and batch throughput is unchanged.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    src = bytes(source) if isinstance(source, (bytes, bytearray)) else str(source)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+def backbone_onnx(backbone: nn.Module, cache_dir: str | Path | None = None) -> bytes | Path:
+    """The backbone as ONNX (``image`` -> ``features``): a cached file under ``cache_dir`` when given."""
+    size = backbone.preprocess.size
+    if cache_dir is None:
+        return to_onnx_bytes(backbone, torch.zeros(2, 3, size, size), "image", ["features"])
+    path = Path(cache_dir) / f"{backbone.cache_name}-{weights_digest(backbone)[:16]}.onnx"
+    if not path.is_file():
+        data = to_onnx_bytes(backbone, torch.zeros(2, 3, size, size), "image", ["features"])
+        atomic_write(path, lambda p: p.write_bytes(data), suffix=".onnx")
+    return path
 
 
 class OrtFeatures:
-    """A backbone run by ONNX Runtime, called like the module: (B, 3, S, S) -> (B, F) tensor."""
+    """A backbone run by ONNX Runtime: ``features(x: ndarray (B,3,S,S)) -> ndarray (B,F)``.
 
-    def __init__(self, backbone: nn.Module):
-        size = backbone.preprocess.size
-        self.session = ort_session(to_onnx_bytes(backbone, torch.zeros(2, 3, size, size), "image", ["features"]))
+    One session, safe to call from several worker threads at once (each call on its own thread).
+    """
+
+    def __init__(self, backbone: nn.Module, cache_dir: str | Path | None = None, threads: int | None = 1):
+        self.session = ort_session(backbone_onnx(backbone, cache_dir), threads)
         self.num_features = backbone.num_features
         self.preprocess = backbone.preprocess
 
+    def features(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(["features"], {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(["features"], {"image": x.numpy().astype("float32", copy=False)})[0]
-        return torch.from_numpy(out)
+        return torch.from_numpy(self.features(x.numpy() if isinstance(x, torch.Tensor) else x))

@@ -9,19 +9,17 @@ model is detected and rebuilt, and an ``.onnx`` file alone is enough to serve.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write
-from ..models.onnx import ort_session, to_onnx_bytes
+from ..io import atomic_write, file_sha256  # noqa: F401 - file_sha256 re-exported
+from ..models.onnx import to_onnx_bytes
+from .engines import OnnxEngine, TorchEngine  # noqa: F401 - re-exported: engines used to live here
 
 ONNX_FORMAT = "geolocate-onnx/1"
 TORCHSCRIPT_FORMAT = "geolocate-torchscript/1"
@@ -32,14 +30,6 @@ PARITY_TOL = 1e-4
 
 class ExportError(RuntimeError):
     """An export that cannot be written or does not reproduce the PyTorch model."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ProbabilityModel(nn.Module):
@@ -132,14 +122,9 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
 def check_batch(info: dict, n: int = 4, seed: int = 0, images: list | None = None, preprocess=None) -> torch.Tensor:
     """A preprocessed batch: ``images`` (paths or bytes) when given, else deterministic smooth random images."""
     if images:
-        from ..io import load_image
+        from ..preprocess import Preprocess
 
-        if preprocess is None:
-            from ..models import Preprocess
-
-            pp = info["preprocess"]
-            preprocess = Preprocess(int(pp["size"]), tuple(pp["mean"]), tuple(pp["std"]))
-        return torch.from_numpy(np.stack([preprocess.image_to_array(load_image(im, draft=preprocess.size * 2)) for im in images]))
+        return torch.from_numpy((preprocess or Preprocess.from_dict(info["preprocess"])).batch(images))
     g = torch.Generator().manual_seed(seed)
     size = int(info["preprocess"]["size"])
     low = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
@@ -164,69 +149,23 @@ def read_onnx_metadata(source: str | Path | bytes) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-class TorchEngine:
-    """PyTorch eager inference; one forward at a time (the model is shared by all threads)."""
+def build_onnx_engine(model_path: Path, onnx_path: Path, threads: int | None = 1, model=None, info=None) -> OnnxEngine:
+    """Export ``model_path`` to ``onnx_path`` (atomically), check parity with PyTorch, return its engine.
 
-    name = "torch"
-
-    def __init__(self, model: nn.Module):
-        self.model = model.eval()
-        self._lock = threading.Lock()
-
-    def probabilities(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(batch, dtype=torch.float32)
-        with self._lock, torch.inference_mode():
-            return torch.softmax(self.model(x), dim=1).numpy()
-
-
-class OnnxEngine:
-    """ONNX Runtime (CPUExecutionProvider) over an exported file or its bytes."""
-
-    name = "onnx"
-
-    def __init__(self, source: str | Path | bytes, threads: int | None = None):
-        self.path = None if isinstance(source, (bytes, bytearray)) else Path(source)
-        try:
-            self.session = ort_session(source, threads)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise ValueError(f"{self.path or '<onnx bytes>'}: not a loadable ONNX model ({type(e).__name__}: {e})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata: dict[str, Any] = dict(meta)
-        self.info = json.loads(meta["geolocate_info"]) if "geolocate_info" in meta else None
-        self.input_name = self.session.get_inputs()[0].name
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output_name = "probabilities" if "probabilities" in outputs else outputs[-1]
-        self._softmax = self.output_name != "probabilities"
-        self._lock = threading.Lock()
-
-    def probabilities(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        with self._lock:
-            out = self.session.run([self.output_name], {self.input_name: x})[0]
-        if self._softmax:
-            e = np.exp(out - out.max(axis=1, keepdims=True))
-            out = e / e.sum(axis=1, keepdims=True)
-        return out
-
-
-def onnx_engine_for(model: nn.Module, info: dict, model_path: Path, onnx_path: Path | None = None,
-                    threads: int | None = None) -> OnnxEngine:
-    """Use ``onnx_path`` (default ``model.onnx`` beside the model) when it matches the model; (re)build it otherwise.
-
+    Raises :class:`ExportError` when ONNX Runtime does not reproduce PyTorch within ``PARITY_TOL``.
     A directory that cannot be written (a read-only snapshot, say) gets an in-memory export instead.
     """
-    onnx_path = Path(onnx_path) if onnx_path is not None else model_path.with_suffix(".onnx")
-    sha = file_sha256(model_path)
-    if onnx_path.is_file():
-        try:
-            if read_onnx_metadata(onnx_path).get("source_sha256") == sha:
-                return OnnxEngine(onnx_path, threads)
-        except Exception:  # noqa: BLE001 - unreadable/partial file: rebuild below
-            pass
-    data = onnx_bytes(model, info, sha)
+    from ..models import load_model
+
+    if model is None:
+        model, info = load_model(model_path)
+    data = onnx_bytes(model, info, file_sha256(model_path))
+    engine = OnnxEngine(data, threads)
+    diff = parity(model, engine.probabilities, check_batch(info, preprocess=model.preprocess))
+    if diff > PARITY_TOL:
+        raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {diff:.2e} (> {PARITY_TOL:g})")
     try:
         atomic_write(onnx_path, lambda p: p.write_bytes(data), suffix=".onnx")
     except OSError:
-        return OnnxEngine(data, threads)
+        return engine
     return OnnxEngine(onnx_path, threads)

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import dataclasses as dc
 import itertools
-from collections import deque
-import io
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..exif import read_exif
+from ..exif import exif_metadata
 from ..geo import haversine_km
-from ..io import ImageError, load_image
-from ..models import Preprocess, load_model
+from ..io import ImageError, file_sha256
+from ..preprocess import Preprocess
+from ..runtime import cpu_count, ordered_map
 
-ENGINES = ("torch", "onnx")
+ENGINES = ("auto", "onnx", "torch")
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -58,57 +55,80 @@ class Prediction:
 
 
 class Geolocator:
-    """Model + labels + preprocessing behind one ``engine`` (PyTorch eager or ONNX Runtime).
+    """Model + labels + preprocessing behind one ``engine`` (ONNX Runtime or PyTorch eager).
 
-    The engine's ``probabilities(batch) -> (B, C) ndarray`` is the only place the
-    network runs; engines serialise their own calls, so one Geolocator can be
-    shared by every thread of a server.
+    The engine's ``probabilities(batch) -> (B, C) ndarray`` is the only place the network runs;
+    one Geolocator can be shared by every thread of a server.
     """
 
-    def __init__(self, model: torch.nn.Module | None, info: dict, engine=None, path: str | Path | None = None):
-        from .export import TorchEngine
-
+    def __init__(self, model=None, info: dict | None = None, engine=None, path: str | Path | None = None,
+                 workers: int | None = None):
         if engine is None:
             if model is None:
                 raise ValueError("Geolocator needs a model or an engine")
+            from .engines import TorchEngine
+
             engine = TorchEngine(model)
+        if info is None:
+            raise ValueError("Geolocator needs the model's info (labels, preprocess)")
         self.engine = engine
         self.model = model.eval() if model is not None else None
         self.info = info
         self.path = Path(path) if path is not None else None
+        self.workers = workers or cpu_count()
         self.classes = info["labels"]["classes"]
         self.class_lat = np.array([c["lat"] for c in self.classes])
         self.class_lon = np.array([c["lon"] for c in self.classes])
-        if model is not None:
-            self.preprocess = model.preprocess
-        else:
-            pp = info["preprocess"]
-            self.preprocess = Preprocess(int(pp["size"]), tuple(pp["mean"]), tuple(pp["std"]))
+        self.preprocess = model.preprocess if model is not None else Preprocess.from_dict(info["preprocess"])
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = "models/best.pt", engine: str = "torch",
-                        onnx_path: str | Path | None = None, threads: int | None = None) -> "Geolocator":
-        """Load a model file. ``engine="onnx"`` runs it with ONNX Runtime from ``<model>.onnx``
-        (exported next to the model on first use, and again whenever the model changes);
-        a path ending in ``.onnx`` is served by ONNX Runtime alone."""
-        from .export import OnnxEngine, onnx_engine_for
+    def from_pretrained(cls, path: str | Path = "models/best.pt", engine: str = "auto",
+                        onnx_path: str | Path | None = None, threads: int | None = None,
+                        workers: int | None = None) -> "Geolocator":
+        """Load a model file.
 
+        ``engine="auto"`` (the default) and ``"onnx"`` run it with ONNX Runtime from ``<model>.onnx``, reused
+        while its recorded sha256 matches the model (no torch import, no PyTorch model built) and exported again,
+        with a parity check against PyTorch, whenever the model changes. ``"auto"`` falls back to PyTorch
+        (with a warning) if the export fails its parity check; ``"onnx"`` raises. ``"torch"`` runs PyTorch eager.
+        A path ending in ``.onnx`` is served by ONNX Runtime alone. ``threads``: intra-op threads per call
+        (default 1 for ONNX Runtime, whose calls run on ``workers`` threads; all cores for PyTorch).
+        """
         path = Path(path)
         engine = str(getattr(engine, "value", engine)).lower()
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist (train one with `geolocate train`)")
         if path.suffix.lower() == ".onnx":
-            if not path.is_file():
-                raise FileNotFoundError(f"model file {path} does not exist")
-            eng = OnnxEngine(path, threads)
+            from .engines import OnnxEngine
+
+            eng = OnnxEngine(path, threads or 1)
             if eng.info is None:
                 raise ValueError(f"{path}: an ONNX file without geolocate metadata (export it with `geolocate export-onnx`)")
-            return cls(None, eng.info, engine=eng, path=path)
+            return cls(None, eng.info, engine=eng, path=path, workers=workers)
+        if engine in ("auto", "onnx"):
+            eng = _cached_onnx_engine(path, Path(onnx_path) if onnx_path else path.with_suffix(".onnx"), threads or 1)
+            if eng is not None:
+                return cls(None, eng.info, engine=eng, path=path, workers=workers)
+        from ..models import load_model
+
         model, info = load_model(path)
-        if engine == "onnx":
-            eng = onnx_engine_for(model, info, path, Path(onnx_path) if onnx_path else None, threads)
-            return cls(None, info, engine=eng, path=path)
-        return cls(model, info, path=path)
+        if engine in ("auto", "onnx"):
+            from .export import ExportError, build_onnx_engine
+
+            try:
+                eng = build_onnx_engine(path, Path(onnx_path) if onnx_path else path.with_suffix(".onnx"), threads or 1, model, info)
+                return cls(None, info, engine=eng, path=path, workers=workers)
+            except ExportError as e:
+                if engine == "onnx":
+                    raise
+                from ..progress import console
+
+                console.print(f"warning: {e}; using the PyTorch engine", markup=False, highlight=False)
+        from .engines import TorchEngine
+
+        return cls(model, info, engine=TorchEngine(model, threads), path=path, workers=workers)
 
     @property
     def engine_name(self) -> str:
@@ -131,34 +151,44 @@ class Geolocator:
         }
 
     # ---- core ---------------------------------------------------------------
-    def probabilities(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+    def probabilities(self, batch) -> np.ndarray:
         """(B, 3, S, S) preprocessed batch -> (B, C) class probabilities (softmax)."""
         return self.engine.probabilities(batch)
 
     def _prepare(self, item: ImageInput, truth: tuple[float, float] | None, name: str | None = None) -> tuple[np.ndarray | None, Prediction]:
+        """Decode one input (EXIF read once, in the same parse) into its array and a Prediction to fill."""
         given = name
         if name is None:
             name = str(item) if isinstance(item, (str, Path)) else ("<upload>" if isinstance(item, (bytes, bytearray)) else "<image>")
         pred = Prediction(source=name)
+        if item is None:
+            pred.error = f"{name}: no image given (None)"
+            return None, pred
         try:
-            im = load_image(item, name=given, draft=self.preprocess.size * 2)
+            array, exif = self.preprocess.load(item, name=given)
         except ImageError as e:
             pred.error = str(e)
             return None, pred
+        except Exception as e:  # noqa: BLE001 - one bad input must never cost the batch
+            pred.error = f"{name}: could not be decoded ({type(e).__name__}: {e})"
+            return None, pred
         if truth is not None:
             pred.true_lat, pred.true_lon = truth
-        elif isinstance(item, (str, Path, bytes, bytearray)):
-            meta = read_exif(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item)
+        elif not isinstance(item, Image.Image):
+            meta = exif_metadata(exif)
             if meta["lat"] is not None:
                 pred.true_lat, pred.true_lon = meta["lat"], meta["lon"]
-        return self.preprocess.image_to_array(im), pred
+        return array, pred
 
     def predict_one(self, item: ImageInput, top_k: int = 5, name: str | None = None,
                     truth: tuple[float, float] | None = None) -> Prediction:
         """One image, decoded and run in the calling thread (what the HTTP server uses per request)."""
-        return next(self._run([self._prepare(item, truth, name)], top_k))
+        return self._run([self._prepare(item, truth, name)], top_k)[0]
 
     def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int) -> Prediction:
+        if not np.all(np.isfinite(probs)):
+            pred.error = f"{pred.source}: the model returned non-finite probabilities (a corrupt model file?)"
+            return pred
         order = np.argsort(-probs)[:top_k]
         pred.top = [CellPrediction(cell=self.classes[i]["cell"], place=self.classes[i]["place"], probability=float(probs[i]),
                                    lat=float(self.class_lat[i]), lon=float(self.class_lon[i])) for i in order]
@@ -168,44 +198,65 @@ class Geolocator:
             pred.error_km = float(haversine_km(pred.true_lat, pred.true_lon, pred.lat, pred.lon))
         return pred
 
-    def predict_iter(self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32,
-                     truths: Sequence[tuple[float, float] | None] | None = None) -> Iterator[Prediction]:
-        """Stream predictions in input order; decoding runs on threads alongside inference.
-
-        At most two batches are decoded ahead of the model, so memory stays flat for any number of inputs.
-        """
-        items = list(images)
-        truths = list(truths) if truths is not None else [None] * len(items)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending: deque = deque()
-            todo = iter(zip(items, truths))
-
-            def top_up() -> None:
-                for args in itertools.islice(todo, 2 * batch_size - len(pending)):
-                    pending.append(pool.submit(self._prepare, *args))
-
-            top_up()
-            buf: list[tuple[np.ndarray | None, Prediction]] = []
-            while pending:
-                buf.append(pending.popleft().result())
-                top_up()
-                if len(buf) == batch_size or not pending:
-                    yield from self._run(buf, top_k)
-                    buf = []
-
-    def _run(self, buf, top_k: int) -> Iterator[Prediction]:
+    def _run(self, buf: list[tuple[np.ndarray | None, Prediction]], top_k: int) -> list[Prediction]:
         arrays = [a for a, _ in buf if a is not None]
-        probs = self.probabilities(torch.from_numpy(np.stack(arrays))) if arrays else None
-        j = 0
+        probs = self.probabilities(np.stack(arrays)) if arrays else None
+        out, j = [], 0
         for a, pred in buf:
             if a is None:
-                yield pred
+                out.append(pred)
             else:
-                yield self._finish(pred, probs[j], top_k)
+                out.append(self._finish(pred, probs[j], top_k))
                 j += 1
+        return out
+
+    def predict_iter(self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32,
+                     truths: Sequence[tuple[float, float] | None] | None = None) -> Iterator[Prediction]:
+        """Stream predictions in input order.
+
+        Each of ``self.workers`` threads decodes a whole batch and runs it through the engine (ONNX Runtime
+        sessions run concurrently; PyTorch serialises its forwards), at most ``workers + 1`` batches in
+        flight, so memory stays flat for any number of inputs.
+        """
+        _check_positive(top_k=top_k, batch_size=batch_size)
+        items = iter(images)
+        pairs = zip(items, truths if truths is not None else itertools.repeat(None))
+
+        def batches():
+            while chunk := list(itertools.islice(pairs, batch_size)):
+                yield chunk
+
+        def work(chunk):
+            return self._run([self._prepare(item, truth) for item, truth in chunk], top_k)
+
+        for preds in ordered_map(work, batches(), self.workers):
+            yield from preds
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32,
                 truths: Sequence[tuple[float, float] | None] | None = None) -> list[Prediction]:
+        if images is None:
+            raise ValueError("predict() needs an image or a list of images, got None")
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
             images = [images]
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size, truths=truths))
+
+
+def _check_positive(**values: int) -> None:
+    for k, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+
+
+def _cached_onnx_engine(model_path: Path, onnx_path: Path, threads: int):
+    """The ONNX engine of ``onnx_path`` if it was exported from exactly this model file, else None (no torch)."""
+    if not onnx_path.is_file():
+        return None
+    from .engines import OnnxEngine
+
+    try:
+        eng = OnnxEngine(onnx_path, threads)
+    except ValueError:
+        return None  # unreadable or partial: rebuilt by the caller
+    if eng.info is None or eng.metadata.get("source_sha256") != file_sha256(model_path):
+        return None
+    return eng

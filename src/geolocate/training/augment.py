@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from ..io import load_image
 
 
 def image_batch(preprocess, paths: list[str], augment: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flips are drawn from ``generator`` (seeded per epoch by the loop), so a resumed run repeats them exactly."""
-    x = preprocess([load_image(p, draft=preprocess.size * 2) for p in paths])
+    x = torch.from_numpy(preprocess.batch(paths))
     if augment:
         flip = torch.rand(len(paths), generator=generator) < 0.5
         x[flip] = x[flip].flip(-1)

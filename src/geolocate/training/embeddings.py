@@ -3,21 +3,21 @@
 The cache ``<cache_dir>/<backbone>.npz`` holds ids, a key per id (path,
 size, mtime) and features; only images whose key changed are recomputed.
 An image whose file is gone (``clean-raw``) keeps its cached features.
-Images are decoded and preprocessed on a thread pool while the model runs.
+Images are decoded and run on one worker thread per core (see ``geolocate.runtime``).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..io import ImageError, atomic_write, load_image
+from ..io import ImageError, atomic_write
 from ..progress import console, progress_bar
+from ..runtime import ordered_map
 
 
 def file_key(path: str) -> str:
@@ -28,16 +28,17 @@ def file_key(path: str) -> str:
         return "missing"
 
 
-def load_batch(paths: Sequence[str], preprocess, draft: int) -> tuple[torch.Tensor | None, list[bool]]:
+def load_batch(paths: Sequence[str], preprocess) -> tuple[np.ndarray | None, list[bool]]:
+    """(B', 3, S, S) float32 of the readable images (None if none), and which were readable."""
     arrays, ok = [], []
     for p in paths:
         try:
-            arrays.append(preprocess.image_to_array(load_image(p, draft=draft)))
+            arrays.append(preprocess.load_array(p))
             ok.append(True)
         except ImageError as e:
-            console.print(f"[red]skipped:[/] {e}", highlight=False)
+            console.print(f"skipped: {e}", markup=False, highlight=False)
             ok.append(False)
-    return (torch.from_numpy(np.stack(arrays)) if arrays else None), ok
+    return (np.stack(arrays) if arrays else None), ok
 
 
 ENGINES = ("onnx", "torch")
@@ -45,34 +46,39 @@ ENGINES = ("onnx", "torch")
 
 @torch.inference_mode()
 def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int = 32, desc: str = "embedding",
-                engine: str = "onnx") -> tuple[np.ndarray, np.ndarray]:
+                engine: str = "onnx", onnx_cache: str | Path | None = None,
+                workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F) float32 with NaN rows for unreadable images, ok mask (N,)).
 
-    ``engine="onnx"`` runs the backbone under ONNX Runtime (same features within ~1e-5, several times faster on CPU).
+    ``engine="onnx"`` runs the backbone under ONNX Runtime (same features within ~1e-5, several times faster
+    on CPU): each of ``workers`` threads (default: one per core) decodes a batch and runs it through one shared
+    single-threaded session. Its export is cached in ``onnx_cache``. ``engine="torch"`` decodes on the workers and
+    runs the batches in this thread.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown embedding engine {engine!r}: choose one of {', '.join(ENGINES)}")
     backbone.eval()
-    run = backbone
-    if engine == "onnx" and len(paths) >= batch_size:  # exporting costs a few seconds: not worth it for a handful
+    ort = None
+    if engine == "onnx" and (onnx_cache is not None or len(paths) >= batch_size):  # a fresh export costs seconds
         from ..models.onnx import OrtFeatures
 
-        run = OrtFeatures(backbone)
+        ort = OrtFeatures(backbone, cache_dir=onnx_cache)
     n = len(paths)
     feats = np.full((n, backbone.num_features), np.nan, dtype=np.float32)
     okmask = np.zeros(n, dtype=bool)
     starts = list(range(0, n, batch_size))
-    draft = backbone.preprocess.size * 2
-    with ThreadPoolExecutor(max_workers=2) as pool, progress_bar(desc, n) as advance:
-        futures = [pool.submit(load_batch, paths[s:s + batch_size], backbone.preprocess, draft) for s in starts[:2]]
-        for bi, s in enumerate(starts):
-            x, ok = futures[bi].result()
-            if bi + 2 < len(starts):
-                s2 = starts[bi + 2]
-                futures.append(pool.submit(load_batch, paths[s2:s2 + batch_size], backbone.preprocess, draft))
+
+    def work(s: int):
+        x, ok = load_batch(paths[s:s + batch_size], backbone.preprocess)
+        if ort is not None and x is not None:
+            return s, ort.features(x), ok
+        return s, x, ok
+
+    with progress_bar(desc, n) as advance:
+        for s, out, ok in ordered_map(work, starts, workers):
             idx = np.arange(s, s + len(ok))[np.asarray(ok)]
-            if x is not None:
-                feats[idx] = run(x).float().numpy()
+            if out is not None:
+                feats[idx] = out if ort is not None else backbone(torch.from_numpy(out)).float().numpy()
                 okmask[idx] = True
             advance(len(ok))
     return feats, okmask
@@ -102,7 +108,7 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
         else:
             todo.append(j)
     if todo:
-        new, ok = embed_paths(backbone, [paths[j] for j in todo], batch_size, engine=engine)
+        new, ok = embed_paths(backbone, [paths[j] for j in todo], batch_size, engine=engine, onnx_cache=Path(cache_dir) / "onnx")
         feats[todo] = new
         for j, f, good in zip(todo, new, ok):
             if good:
