@@ -41,8 +41,8 @@ RESULTS = ROOT / "bench" / "results" / "speed.json"
 WORKERS = 2
 
 
-def limit_b(onnx_file: Path, files: list[Path], size: int, mean, std, batch: int = 32, repeat: int = 2) -> float:
-    """images/s of the cheapest decode + ORT, WORKERS threads x 1 intra-op thread (best of ``repeat``)."""
+def limit_b(onnx_file: Path, files: list[Path], size: int, mean, std, batch: int = 32):
+    """A callable running the cheapest decode + ORT over ``files`` on WORKERS threads x 1 intra-op thread."""
     import onnxruntime as ort
     from PIL import Image
 
@@ -68,28 +68,24 @@ def limit_b(onnx_file: Path, files: list[Path], size: int, mean, std, batch: int
         x = np.stack([decode(p) for p in files[i:i + batch]]).transpose(0, 3, 1, 2)
         sess.run([out], {inp: np.ascontiguousarray(x)})
 
-    work(0)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+    def run() -> None:
         with ThreadPoolExecutor(WORKERS) as pool:
             list(pool.map(work, range(0, len(files), batch)))
-        best = min(best, time.perf_counter() - t0)
-    return len(files) / best
+
+    work(0)
+    return run
 
 
-def timed(fn, repeat: int = 2) -> float:
-    best = float("inf")
+def compare(path: str, n: int, fn, limit, repeat: int = 3) -> dict:
+    """Best-of-``repeat`` images/s of ``fn`` and ``limit``, run alternately so both see the same machine load."""
+    best = {"fn": float("inf"), "limit": float("inf")}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def row(path: str, img_per_s: float, limit: float, **extra) -> dict:
-    return {"path": path, "img_per_s": round(img_per_s, 1), "limit_img_per_s": round(limit, 1),
-            "ratio": round(img_per_s / limit, 3), **extra}
+        for key, f in (("limit", limit), ("fn", fn)):
+            t0 = time.perf_counter()
+            f()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    ips, lim = n / best["fn"], n / best["limit"]
+    return {"path": path, "img_per_s": round(ips, 1), "limit_img_per_s": round(lim, 1), "ratio": round(ips / lim, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,10 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         assert geo.engine_name == "onnx", geo.engine_name
         pp = geo.preprocess
         lim = limit_b(model.with_suffix(".onnx"), files, pp.size, pp.mean, pp.std)
-
         geo.predict(files[:32])
-        s = timed(lambda: geo.predict(files))
-        rows.append(row("predict (default engine, Geolocator.predict)", len(files) / s, lim))
+        rows.append(compare("predict (default engine, Geolocator.predict)", len(files), lambda: geo.predict(files), lim))
 
         # the CLI in a fresh process, everything included: a folder of the same images
         d = tmp / "imgs"
@@ -130,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             assert r.returncode == 0 and r.stdout.count("\n") == len(files), r.stderr[-2000:]
 
-        s = timed(cli)
-        rows.append(row("predict CLI end to end (geolocate predict DIR --json, start-up included)", len(files) / s, lim))
+        rows.append(compare("predict CLI end to end (geolocate predict DIR --json, start-up included)", len(files), cli, lim))
 
         # embedding extraction: the frozen backbone, export cached, vs LIMIT B over the backbone alone
         from geolocate.models import create_backbone
@@ -143,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         bb_file = backbone_onnx(bb, cache)
         lim_bb = limit_b(bb_file, files, pp.size, pp.mean, pp.std)
         embed_paths(bb, files[:32], onnx_cache=cache)
-        s = timed(lambda: embed_paths(bb, files, onnx_cache=cache))
-        rows.append(row("embedding extraction (embed_paths, frozen backbone)", len(files) / s, lim_bb))
+        rows.append(compare("embedding extraction (embed_paths, frozen backbone)", len(files),
+                            lambda: embed_paths(bb, files, onnx_cache=cache), lim_bb))
 
     result = {
         "benchmark": "speed",

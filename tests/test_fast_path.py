@@ -192,3 +192,29 @@ def test_embedding_export_is_built_once(tmp_path, monkeypatch):
     assert ok1.tolist() == [True] * 6 + [False] and np.isnan(f1[6]).all()
     assert np.array_equal(f1, f2, equal_nan=True)
     assert np.allclose(f1[:6], ft[:6], atol=1e-4)
+
+
+def test_int8_export_is_gated_on_agreement_and_served(trained_copy, tmp_path):
+    """Static int8 is written only when it agrees with fp32 on held-out images; --engine onnx-int8 then serves it."""
+    from geolocate.index import load_index
+    from geolocate.serving import Geolocator
+    from geolocate.serving.export import ExportError, export_onnx_int8, int8_path
+
+    cfg, _, model_path = trained_copy
+    df, _, _ = load_index(cfg)
+    train = df.filter(df["split"] == "train")["path"].to_list()[:48]
+    val = df.filter(df["split"] == "val")["path"].to_list()[:64]
+    with pytest.raises(ValueError, match="export-onnx-int8"):
+        Geolocator.from_pretrained(model_path, engine="onnx-int8")
+    with pytest.raises(ExportError, match="disagrees with fp32"):
+        export_onnx_int8(model_path, train, val, min_top1=1.01)
+    assert not int8_path(model_path).exists()  # a refused model is never written
+    path, gate = export_onnx_int8(model_path, train, val, min_top1=0.5, min_cosine=0.95)
+    assert path == int8_path(model_path) and gate["images"] == len(val) > 20
+    assert gate["mean_logits_cosine"] >= 0.95 and 0.5 <= gate["top1_agreement"] <= 1
+    q = Geolocator.from_pretrained(model_path, engine="onnx-int8")
+    f = Geolocator.from_pretrained(model_path, engine="onnx")
+    assert q.engine_name == "onnx-int8" and path.stat().st_size < 0.5 * model_path.with_suffix(".onnx").stat().st_size
+    pq, pf = q.predict(val[:16]), f.predict(val[:16])
+    assert all(a.error is None for a in pq)
+    assert np.mean([a.top[0].cell == b.top[0].cell for a, b in zip(pq, pf)]) >= 0.5

@@ -64,6 +64,31 @@ def register(app: typer.Typer) -> None:
         """ONNX file (opset 17, dynamic batch axis) returning logits and probabilities."""
         _run_export("export_onnx", model, out, check, check_images)
 
+    @app.command("export-onnx-int8")
+    def export_onnx_int8_command(
+        model: ModelOpt = Path("models/best.pt"),
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output file (default: <model>.int8.onnx)")] = None,
+        calibration: Annotated[Optional[list[Path]], typer.Option("--calibration", help="calibration images or folders (default: 128 images of the index's train split)")] = None,
+        holdout: Annotated[Optional[list[Path]], typer.Option("--holdout", help="images to measure agreement on (default: 256 of the val split)")] = None,
+        min_top1: Annotated[float, typer.Option("--min-top1", help="least top-1 agreement with fp32 on the held-out images")] = 0.90,
+        min_cosine: Annotated[float, typer.Option("--min-cosine", help="least mean logits cosine with fp32")] = 0.97,
+        config: ConfigOpt = None, set_: SetOpt = None,
+    ):
+        """Static int8 ONNX (QDQ, per-channel), written only if it agrees with fp32 on held-out images; use with --engine onnx-int8."""
+        from ..serving import export
+
+        from .predict import expand_inputs
+
+        cal = expand_inputs(calibration) if calibration else _split_images(config, set_, "train", 128)
+        held = expand_inputs(holdout) if holdout else _split_images(config, set_, "val", 256)
+        try:
+            path, gate = export.export_onnx_int8(model, cal, held, out, min_top1=min_top1, min_cosine=min_cosine)
+        except (FileNotFoundError, ValueError, export.ExportError, OSError) as e:
+            fail(str(e))
+        out_console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); on {gate['images']} held-out images: top-1 "
+                          f"agreement {gate['top1_agreement']:.3f}, logits cosine {gate['mean_logits_cosine']:.4f}",
+                          soft_wrap=True, highlight=False)
+
     @app.command("export-torchscript")
     def export_torchscript_command(
         model: ModelOpt = Path("models/best.pt"),
@@ -116,6 +141,24 @@ def _run_export(exporter: str, model: Path, out: Path | None, check: bool, check
     except (FileNotFoundError, ValueError, export.ExportError, OSError) as e:
         fail(str(e))
     _report(path, diff)
+
+
+def _split_images(config, set_, split: str, n: int) -> list[str]:
+    """Up to ``n`` image paths of one split of the current index, evenly spread."""
+    import polars as pl
+
+    from ..index import load_index
+
+    try:
+        df, _, _ = load_index(load_config(config, set_))
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{e} (or give images with --calibration/--holdout)")
+    if "split" not in df.columns:
+        fail("no splits: run `geolocate split` first (or give images with --calibration/--holdout)")
+    paths = df.filter(pl.col("split") == split)["path"].to_list()
+    if not paths:
+        fail(f"the {split} split is empty (give images with --calibration/--holdout)")
+    return paths[::max(1, len(paths) // n)][:n]
 
 
 def _report(path: Path, diff: float | None) -> None:

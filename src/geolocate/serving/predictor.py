@@ -23,7 +23,7 @@ from ..io import ImageError, file_sha256
 from ..preprocess import Preprocess
 from ..runtime import cpu_count, ordered_map
 
-ENGINES = ("auto", "onnx", "torch")
+ENGINES = ("auto", "onnx", "onnx-int8", "torch")
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -91,7 +91,8 @@ class Geolocator:
         while its recorded sha256 matches the model (no torch import, no PyTorch model built) and exported again,
         with a parity check against PyTorch, whenever the model changes. ``"auto"`` falls back to PyTorch
         (with a warning) if the export fails its parity check; ``"onnx"`` raises. ``"torch"`` runs PyTorch eager.
-        A path ending in ``.onnx`` is served by ONNX Runtime alone. ``threads``: intra-op threads per call
+        ``"onnx-int8"`` runs ``<model>.int8.onnx`` made by ``geolocate export-onnx-int8`` (which refuses to write
+        one that disagrees with fp32 on held-out images). A path ending in ``.onnx`` is served by ONNX Runtime alone. ``threads``: intra-op threads per call
         (default 1 for ONNX Runtime, whose calls run on ``workers`` threads; all cores for PyTorch).
         """
         path = Path(path)
@@ -106,6 +107,15 @@ class Geolocator:
             eng = OnnxEngine(path, threads or 1)
             if eng.info is None:
                 raise ValueError(f"{path}: an ONNX file without geolocate metadata (export it with `geolocate export-onnx`)")
+            return cls(None, eng.info, engine=eng, path=path, workers=workers)
+        if engine == "onnx-int8":
+            from .export import int8_path
+
+            q = Path(onnx_path) if onnx_path else int8_path(path)
+            eng = _cached_onnx_engine(path, q, threads or 1)
+            if eng is None:
+                raise ValueError(f"{q}: no int8 export of {path} (or one of an older model): run `geolocate export-onnx-int8 --model {path}`")
+            eng.name = "onnx-int8"
             return cls(None, eng.info, engine=eng, path=path, workers=workers)
         if engine in ("auto", "onnx"):
             eng = _cached_onnx_engine(path, Path(onnx_path) if onnx_path else path.with_suffix(".onnx"), threads or 1)
