@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses as dc
 from pathlib import Path
 
+from ..base import RecordPaths
+
 
 class CleanError(RuntimeError):
     """No usable index: nothing is deleted."""
@@ -26,14 +28,15 @@ class CleanPlan:
 
 
 def _resolve(p: str, data_dir: Path) -> Path:
-    path = Path(p)
-    if path.is_absolute():
-        return path.resolve()
-    for base in (Path.cwd(), data_dir, data_dir.parent):
-        cand = (base / path).resolve()
+    """A stored index path (relative to the data dir); older indexes may hold paths relative to the working dir."""
+    path = Path(RecordPaths.of(data_dir).resolve(p)).resolve()
+    if path.exists() or Path(p).is_absolute():
+        return path
+    for base in (Path.cwd(), data_dir.parent):
+        cand = (base / p).resolve()
         if cand.exists():
             return cand
-    return (Path.cwd() / path).resolve()
+    return path
 
 
 def plan_clean_raw(data_dir: str | Path) -> CleanPlan:
