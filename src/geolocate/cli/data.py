@@ -38,6 +38,11 @@ def build_index_cmd(cfg) -> dict:
         stats = build_index(cfg)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    indexed = stats["sources"]
+    chosen = f"index.sources={','.join(cfg.index.sources)}" if cfg.index.sources else \
+        "every records file in data/records (choose with --source NAME or index.sources)"
+    out_console.print("index sources: " + ", ".join(f"{k} {indexed.get(k, 0)} of {n} records" for k, n in stats["records_per_source"].items())
+                      + f" ({chosen})", highlight=False, soft_wrap=True)
     out_console.print(f"index: {stats['images']} images in {stats['cells']} cells "
                       f"(per cell min {stats['per_cell']['min']}, median {stats['per_cell']['median']:.0f}, max {stats['per_cell']['max']}; "
                       f"dropped {stats['dropped_small_cells']} in small cells) -> {Path(cfg.paths.data_dir) / 'index'}")
@@ -63,7 +68,8 @@ def register(app: typer.Typer) -> None:
         count: Annotated[Optional[int], typer.Option("--count", help="earth: number of patches")] = None,
         config: ConfigOpt = None,
         set_: SetOpt = None,
-        index: Annotated[bool, typer.Option("--index/--no-index", help="rebuild the index and splits afterwards")] = False,
+        index: Annotated[bool, typer.Option("--index/--no-index", help="rebuild the index and splits afterwards, "
+                                                                 "from this source's records only unless index.sources is set")] = False,
     ):
         """Acquire images from a source and record them under data/records/."""
         overrides = list(set_ or [])
@@ -75,13 +81,22 @@ def register(app: typer.Typer) -> None:
         cfg.source.name = source
         build_dataset(cfg, source)
         if index:
+            cfg.index.sources = cfg.index.sources or [source]
             build_index_cmd(cfg)
             split_cmd(cfg)
 
     @app.command("index")
-    def index_command(config: ConfigOpt = None, set_: SetOpt = None):
-        """Rebuild data/index/ (images.parquet, labels.json, stats.json, coverage.png) from all records."""
-        build_index_cmd(load_config(config, set_))
+    def index_command(
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        source: Annotated[Optional[list[str]], typer.Option("--source", help="index only these sources' records "
+                                                                             "(repeatable; default index.sources, else all)")] = None,
+    ):
+        """Rebuild data/index/ (images.parquet, labels.json, stats.json) from the records; `split` draws coverage.png."""
+        cfg = load_config(config, set_)
+        if source:
+            cfg.index.sources = list(source)
+        build_index_cmd(cfg)
 
     @app.command("split")
     def split_command(config: ConfigOpt = None, set_: SetOpt = None):

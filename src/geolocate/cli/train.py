@@ -118,6 +118,7 @@ def register(app: typer.Typer) -> None:
         t0 = time.time()
         cfg = load_config(config, set_)
         cfg.source.name = "earth"
+        cfg.index.sources = cfg.index.sources or ["earth"]   # the demo is the Earth data alone, whatever else is recorded
         build_dataset(cfg, "earth")
         build_index_cmd(cfg)
         split_cmd(cfg)

@@ -11,7 +11,7 @@ Patches come in *sequences*: a sequence is ``sequence_size`` patches that
 wander up to ``sequence_spread_km`` from one centre, like one drive of a
 street-view car. A sequence-aware split therefore keeps test regions unseen.
 Everything is drawn from one seeded generator, so the same config yields the
-same bytes.
+same bytes; a rebuild rewrites only patches whose bytes differ.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..geo import EARTH_RADIUS_KM, KM_PER_DEG
-from ..io import write_bytes
+from ..io import write_bytes_if_changed
 from .base import ImageRecord, SourceResult, register_source, save_source_records
 
 IMAGERY_FILES = {"shadedrelief": "shadedrelief.jpg", "bmng": "bmng.jpg"}
@@ -139,7 +139,7 @@ def build_earth(cfg, out_dir: Path, progress=None) -> SourceResult:
         if name not in IMAGERY_FILES:
             raise KeyError(f"unknown earth imagery {name!r}: choose from {', '.join(IMAGERY_FILES)}")
     plans = plan_patches(ec)
-    out_dir = Path(out_dir).resolve()  # records hold absolute paths, whatever the working directory later
+    out_dir = Path(out_dir).resolve()
     records = []
     for i, (seq, lat, lon, imagery) in enumerate(plans):
         rid = f"earth-{i:06d}"
@@ -147,7 +147,7 @@ def build_earth(cfg, out_dir: Path, progress=None) -> SourceResult:
         arr = sample_patch(load_imagery(imagery), lat, lon, ec.patch_km, ec.image_size)
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=92)
-        write_bytes(path, buf.getvalue())
+        write_bytes_if_changed(path, buf.getvalue())  # a rebuild leaves identical patches (and their mtimes) alone
         records.append(ImageRecord(id=rid, path=str(path), lat=lat, lon=lon, sequence_id=seq, source="earth",
                                    creator=IMAGERY_CREDIT[imagery], license="public-domain (NASA)", view=None))
         if progress:

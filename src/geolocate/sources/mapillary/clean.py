@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses as dc
 from pathlib import Path
 
+from ..base import RecordPaths
+
 
 class CleanError(RuntimeError):
     """No usable index: nothing is deleted."""
@@ -25,15 +27,14 @@ class CleanPlan:
     outside_raw: int           # indexed paths outside data/raw: never deleted
 
 
-def _resolve(p: str, data_dir: Path) -> Path:
-    path = Path(p)
-    if path.is_absolute():
-        return path.resolve()
-    for base in (Path.cwd(), data_dir, data_dir.parent):
-        cand = (base / path).resolve()
-        if cand.exists():
-            return cand
-    return (Path.cwd() / path).resolve()
+def _resolve(p: str, data_dir: Path, raw_root: Path) -> Path:
+    """A stored index path (relative to the data dir); older indexes may hold paths relative to the working dir.
+    The first reading that exists wins, else the first under ``raw_root`` (a file cleaned before)."""
+    stored = Path(RecordPaths.of(data_dir).resolve(p)).resolve()
+    if Path(p).is_absolute():
+        return stored
+    cands = [stored] + [(base / p).resolve() for base in (Path.cwd(), data_dir.parent)]
+    return next((c for c in cands if c.exists()), next((c for c in cands if c.is_relative_to(raw_root)), stored))
 
 
 def plan_clean_raw(data_dir: str | Path) -> CleanPlan:
@@ -51,7 +52,7 @@ def plan_clean_raw(data_dir: str | Path) -> CleanPlan:
     files, total, gone, outside = [], 0, 0, 0
     unique = sorted({p for p in paths if p})
     for p in unique:
-        path = _resolve(p, data_dir)
+        path = _resolve(p, data_dir, raw_root)
         # resolve() follows symlinks, so a link inside raw/ pointing elsewhere counts as outside
         if not path.is_relative_to(raw_root) or path == raw_root:
             outside += 1
