@@ -1,0 +1,179 @@
+"""Robustness on the Earth benchmark: the same test/val places under photometric and imagery shifts, 3 seeds.
+
+The demo pipeline (``configs/demo.yaml``: earth source -> index -> sequence-aware split ->
+``run_experiment``) is trained once per seed (``train.seed`` 0, 1, 2; the embeddings are cached, so
+only the head is retrained). Then every val/test place is cut again from the NASA imagery the way the
+earth source cuts it, with one shift at a time:
+
+- ``none``: the same patch (a check: it reproduces the run's own numbers);
+- ``brightness_1.1`` / ``brightness_0.9``: pixel values x1.1 / x0.9 (clipped);
+- ``blur_1``: Gaussian blur, sigma 1 px;
+- ``half_resolution``: the patch cut at half the pixels (the backbone then upsamples it);
+- ``heldout_rendering``: the same place from the *other* imagery (shaded relief <-> Blue Marble).
+
+Model, kNN (k=1 on the same embeddings of the shifted images) and prior are scored on each. Writes
+``bench/results/robustness.json`` with ``rows`` of ``{"variant", "predictor", "seed", "shift", "split", "n",
+"median_km", "top1_acc", "geoscore"}`` and a ``summary`` of mean ± std over seeds.
+
+    python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--config configs/demo.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
+
+from geolocate.config import Config  # noqa: E402
+from geolocate.io import write_json  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "robustness.json"
+SHIFTS = ("none", "brightness_1.1", "brightness_0.9", "blur_1", "half_resolution", "heldout_rendering")
+
+
+def shifted_patch(shift: str, lat: float, lon: float, imagery: str, ec) -> bytes:
+    from PIL import Image, ImageFilter
+
+    from geolocate.sources.earth import IMAGERY_FILES, load_imagery, sample_patch
+
+    size = ec.image_size // 2 if shift == "half_resolution" else ec.image_size
+    if shift == "heldout_rendering":
+        imagery = next(k for k in IMAGERY_FILES if k != imagery)
+    arr = sample_patch(load_imagery(imagery), lat, lon, ec.patch_km, size)
+    if shift.startswith("brightness_"):
+        arr = np.clip(arr.astype(np.float32) * float(shift.split("_")[1]) + 0.5, 0, 255).astype(np.uint8)
+    im = Image.fromarray(arr)
+    if shift == "blur_1":
+        im = im.filter(ImageFilter.GaussianBlur(1))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def imagery_of(credit: str) -> str:
+    from geolocate.sources.earth import IMAGERY_CREDIT
+
+    return next(k for k, v in IMAGERY_CREDIT.items() if v == credit)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=6000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    import polars as pl
+    import torch
+
+    from geolocate.evaluation import evaluate, knn_predict, prior_predict
+    from geolocate.index import build_index, load_index, make_splits
+    from geolocate.models import create_backbone, load_model
+    from geolocate.runs.experiment import run_experiment
+    from geolocate.sources import get_source
+    from geolocate.training.embeddings import cached_embeddings, embed_paths
+
+    t_all = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-robustness-") as tmp_s:
+        tmp = Path(tmp_s)
+        cfg = Config.load(args.config)
+        for k in ("data_dir", "runs_dir", "models_dir", "exports_dir"):
+            setattr(cfg.paths, k, str(tmp / k.removesuffix("_dir")))
+        cfg.source.earth.count = args.count
+        get_source("earth")(cfg, Path(cfg.paths.data_dir) / "raw" / "earth")
+        build_index(cfg, plot=False)
+        make_splits(cfg, plot=False)
+        df, labels, _ = load_index(cfg)
+        df = df.filter(pl.col("split").is_not_null())
+        class_lat = np.array([c["lat"] for c in labels["classes"]])
+        class_lon = np.array([c["lon"] for c in labels["classes"]])
+        n_cls = labels["num_classes"]
+        backbone = create_backbone(cfg.model.backbone).eval()
+        cache = Path(cfg.paths.data_dir) / "cache" / "embeddings"
+        feats, ok = cached_embeddings(backbone, df["id"].to_list(), df["path"].to_list(), cache)
+        train = df.filter(pl.col("split") == "train")
+        tr_mask = (df["split"] == "train").to_numpy()
+        tr_feats, tr_y = feats[tr_mask], train["label"].to_numpy()
+
+        # the shifted images of val/test, cut once and embedded once (shared by every seed)
+        shifted: dict[tuple[str, str], np.ndarray] = {}
+        for split in ("val", "test"):
+            part = df.filter(pl.col("split") == split)
+            for shift in SHIFTS:
+                d = tmp / "shifted" / split / shift
+                d.mkdir(parents=True)
+                paths = []
+                for rid, lat, lon, credit in part.select("id", "lat", "lon", "creator").iter_rows():
+                    p = d / f"{rid}.jpg"
+                    p.write_bytes(shifted_patch(shift, lat, lon, imagery_of(credit), cfg.source.earth))
+                    paths.append(str(p))
+                f, okm = embed_paths(backbone, paths, desc=f"embedding {split} {shift}", onnx_cache=cache / "onnx")
+                assert okm.all()
+                shifted[(split, shift)] = f
+            print(f"cut and embedded {split}: {part.height} places x {len(SHIFTS)} shifts", flush=True)
+
+        for seed in args.seeds:
+            cfg.train.seed = seed
+            run_dir = run_experiment(cfg)
+            model, _ = load_model(run_dir / "checkpoints" / "model.pt")
+            for split in ("val", "test"):
+                part = df.filter(pl.col("split") == split)
+                y, la, lo = part["label"].to_numpy(), part["lat"].to_numpy(), part["lon"].to_numpy()
+                for shift in SHIFTS:
+                    x = shifted[(split, shift)]
+                    with torch.inference_mode():
+                        probs = torch.softmax(model.head(torch.from_numpy(x)), 1).numpy()
+                    pred = probs.argmax(1)
+                    results = {"model": evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred], countries=False)}
+                    sc, pla, plo = knn_predict(tr_feats, tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)
+                    results["knn"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
+                    sc, pla, plo = prior_predict(tr_y, n_cls, len(y), class_lat, class_lon)
+                    results["prior"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
+                    for predictor, m in results.items():
+                        rows.append({"variant": "frozen_linear", "predictor": predictor, "seed": seed, "shift": shift,
+                                     "split": split, "n": int(m["n"]), "median_km": round(m["median_km"], 1),
+                                     "top1_acc": round(m["top1_acc"], 4), "geoscore": round(m["geoscore"], 1)})
+            print(f"seed {seed}: test median {json.loads((run_dir / 'summary.json').read_text())['metrics']['test']['median_km']:.0f} km", flush=True)
+
+    summary = []
+    for predictor in ("model", "knn", "prior"):
+        for split in ("val", "test"):
+            for shift in SHIFTS:
+                sel = [r for r in rows if r["predictor"] == predictor and r["split"] == split and r["shift"] == shift]
+                med = np.array([r["median_km"] for r in sel])
+                top1 = np.array([r["top1_acc"] for r in sel])
+                gs = np.array([r["geoscore"] for r in sel])
+                summary.append({"predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"],
+                                "median_km": f"{med.mean():,.0f} ± {med.std():,.0f}",
+                                "top1": f"{100 * top1.mean():.1f} ± {100 * top1.std():.1f} %",
+                                "geoscore": f"{gs.mean():,.0f} ± {gs.std():,.0f}"})
+    result = {
+        "benchmark": "robustness",
+        "what": f"{args.config.name} at {args.count} Earth patches, frozen backbone + linear head, seeds {args.seeds}; val/test "
+                f"places re-cut under each shift; mean ± std over seeds",
+        "total_s": round(time.perf_counter() - t_all, 1),
+        "summary": summary,
+        "rows": rows,
+    }
+    write_json(args.out, result)
+    print("\n| predictor | split | shift | median km | top-1 | GeoScore |\n|---|---|---|---:|---:|---:|")
+    for s in summary:
+        if s["predictor"] != "prior" or s["shift"] == "none":
+            print(f"| {s['predictor']} | {s['split']} | {s['shift']} | {s['median_km']} | {s['top1']} | {s['geoscore']} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
