@@ -94,3 +94,40 @@ def test_place_names_match_reverse_geocoder():
     got = place_names(pts)
     assert [(g["name"], g["admin1"], g["cc"]) for g in got] == [(w["name"], w["admin1"], w["cc"]) for w in want]
     assert all(g["km"] >= 0 for g in got) and place_names([]) == []
+
+
+def _dense_knn(tf, tl, tla, tlo, q, C, k):
+    """The obvious dense reference: full similarity matrix, per-class mask."""
+    n = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sim = n(q) @ n(tf).T
+    scores = np.full((len(q), C), -2.0, np.float32)
+    for c in np.unique(tl):
+        scores[:, c] = sim[:, tl == c].max(1)
+    plat, plon = np.empty(len(q)), np.empty(len(q))
+    for r in range(len(q)):
+        row = np.argsort(-sim[r], kind="stable")[:k]
+        vals, cnt = np.unique(tl[row], return_counts=True)
+        best = vals[cnt == cnt.max()]
+        j = next(j for j in row if tl[j] in best)
+        plat[r], plon[r] = tla[j], tlo[j]
+        if k > 1:
+            scores[r, best] += 1.0
+    return scores, plat, plon
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_streamed_knn_equals_the_dense_one(k):
+    from geolocate.evaluation import knn_predict
+
+    rng = np.random.default_rng(k)
+    tf = rng.normal(size=(300, 16)).astype(np.float32)
+    tl = rng.integers(0, 12, 300)
+    tl[tl == 5] = 4  # a class absent from the gallery keeps -2
+    tla, tlo = rng.uniform(-60, 60, 300), rng.uniform(-180, 180, 300)
+    q = rng.normal(size=(77, 16)).astype(np.float32)
+    ref = _dense_knn(tf, tl, tla, tlo, q, 12, k)
+    for block in (16 * 300 * 4, 1 << 30):  # 16 queries at a time, or all at once
+        got = knn_predict(tf, tl, tla, tlo, q, 12, k=k, max_block_bytes=block)
+        assert np.allclose(got[0], ref[0], atol=1e-5)
+        assert np.array_equal(got[1], ref[1]) and np.array_equal(got[2], ref[2])
+    assert (got[0][:, 5] == -2).all()
