@@ -7,10 +7,12 @@ target, so a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,11 +22,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decoded images above this many pixels are refused (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 64_000_000
+# Images longer than this many times their width (or wider than tall) are refused at ingest: a 1x60000 strip is no photo.
+MAX_ASPECT = 20.0
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic"})
 
 
 class ImageError(ValueError):
     """An input file that cannot be used as an image; the message names the file."""
+
+
+def one_line(e: BaseException) -> str:
+    """``TypeName: first line of the message``: an exception as one error line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 @contextlib.contextmanager
@@ -33,6 +42,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; written files get the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -48,6 +58,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc); elsewhere set-and-restore under a lock."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any], suffix: str = "") -> Path:
@@ -108,6 +135,14 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
         plt.close(fig)
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
@@ -126,8 +161,13 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, name: str | None
 
 
 def check_image(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[int, int]:
-    """Cheaply prove a file or bytes decode (JPEG draft mode: truncation is still caught); return the size or raise ImageError."""
-    return _decode(source, name, draft=(256, 256)).size
+    """Cheaply prove a file or bytes decode (JPEG draft mode: truncation is still caught) with a photo's shape
+    (at most :data:`MAX_ASPECT` : 1); return the full size or raise ImageError."""
+    w, h = _decode(source, name, draft=(256, 256)).size  # draft scaling keeps the aspect ratio
+    if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+        label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+        raise ImageError(f"{label}: {w}x{h} pixels is not a photo's shape (aspect ratio beyond {MAX_ASPECT:g}:1)")
+    return w, h
 
 
 def _decode(source: str | os.PathLike | bytes, name: str | None, draft: tuple[int, int] | None = None) -> Image.Image:
