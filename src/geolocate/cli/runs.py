@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from rich.text import Text
+
+from ..progress import tagged
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 
 RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="runs folder (default: paths.runs_dir of the config)")]
@@ -18,7 +21,7 @@ def _runs_dir(runs_dir: Path | None, config: Path | None, set_: list[str] | None
 
 def _warn(lines: list[str]) -> None:
     for w in lines:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(tagged("warning", w), highlight=False, soft_wrap=True)
 
 
 def _fmt(v, kind: str) -> str:
@@ -47,9 +50,9 @@ def register(app: typer.Typer) -> None:
             return
         if res.table.height == 0:
             _warn(res.warnings)
-            out_console.print(f"no runs with a summary.json under {root}")
+            out_console.print(f"no runs with a summary.json under {root}", markup=False)
             return
-        t = Table(title=f"runs in {root}" + (" — MIXED DATASETS: ranks are per dataset" if res.mixed else ""))
+        t = Table(title=Text(f"runs in {root}" + (" — MIXED DATASETS: ranks are per dataset" if res.mixed else "")))
         cols = [("dataset_group", "data", "s"), ("rank", "#", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),
                 ("val_top1_acc", "val top1", "pct"), ("val_median_km", "val med km", "km"), ("val_p90_km", "val p90 km", "km"),
                 ("test_top1_acc", "test top1", "pct"), ("test_median_km", "test med km", "km"),
@@ -74,8 +77,8 @@ def register(app: typer.Typer) -> None:
         _warn(res.warnings)
         best = res.table.filter(res.table["rank"] == 1) if res.table.height else res.table
         for r in best.iter_rows(named=True):
-            out_console.print(f"best on dataset {r['dataset_group']} ({r['dataset_fingerprint']}): {r['run_id']} score {r['score']:.3f}")
-        out_console.print(f"{res.table.height} runs ranked -> {res.out_dir}/dashboard.html, runs_summary.csv, runs_summary.parquet")
+            out_console.print(f"best on dataset {r['dataset_group']} ({r['dataset_fingerprint']}): {r['run_id']} score {r['score']:.3f}", markup=False)
+        out_console.print(f"{res.table.height} runs ranked -> {res.out_dir}/dashboard.html, runs_summary.csv, runs_summary.parquet", markup=False)
 
     @runs_app.command("compare")
     def compare_command(a: Annotated[str, typer.Argument(help="run A: id, id prefix, path or 'latest'")],
@@ -100,7 +103,7 @@ def register(app: typer.Typer) -> None:
             return
         if not cmp["same_dataset"]:
             _warn([f"A and B use different datasets ({cmp['fingerprints'][0]} vs {cmp['fingerprints'][1]}): deltas are not like for like"])
-        t = Table(title=f"A = {cmp['a']}\nB = {cmp['b']}")
+        t = Table(title=Text(f"A = {cmp['a']}\nB = {cmp['b']}"))
         for c in ("predictor", "split", "metric", "A", "B", "B − A", "better"):
             t.add_column(c, justify="left" if c in ("predictor", "split", "metric", "better") else "right")
         for r in cmp["metrics"]:
@@ -120,7 +123,7 @@ def register(app: typer.Typer) -> None:
             for c in ("key", "A", "B"):
                 ct.add_column(c)
             for r in cmp["config_diff"]:
-                ct.add_row(r["key"], str(r["a"]), str(r["b"]))
+                ct.add_row(Text(r["key"]), Text(str(r["a"])), Text(str(r["b"])))
             out_console.print(ct)
         else:
             out_console.print("configs are identical")
@@ -137,7 +140,7 @@ def register(app: typer.Typer) -> None:
             path = write_dashboard(resolve_run(run, root))
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
-        out_console.print(f"dashboard: {path}")
+        out_console.print(f"dashboard: {path}", markup=False)
 
     @runs_app.command("track")
     def track_command(runs: Annotated[list[str], typer.Argument(help="run ids, prefixes, paths or 'latest'")],
@@ -157,4 +160,4 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         for d in dirs:
             rid = tr.log_run(d)
-            out_console.print(f"{d.name}: logged to {tracker}" + (f" (run {rid}, {getattr(tr, 'uri', '')})" if rid else ""))
+            out_console.print(f"{d.name}: logged to {tracker}" + (f" (run {rid}, {getattr(tr, 'uri', '')})" if rid else ""), markup=False)

@@ -8,11 +8,12 @@ cell, centroid, place name), ``preprocess``, ``meta`` (run id, metrics, ...).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, file_sha256, one_line
 from .backbones import create_backbone
 from .heads import CellHead, GeoModel
 
@@ -36,21 +37,69 @@ def save_model(path: str | Path, model: GeoModel, backbone_spec: str, labels: di
 
 
 def load_model(path: str | Path) -> tuple[GeoModel, dict]:
-    """(model in eval mode, the checkpoint dict without weights)."""
+    """(model in eval mode, the checkpoint dict without weights).
+
+    Every way a file can be wrong (not a model, a model whose parts do not fit together, bytes that differ from
+    the sha256 its sidecar ``<model>.json`` records) is a ValueError with one line naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist (train one with `geolocate train`)")
+    verify_sidecar(path)
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{path}: not a loadable geolocate model ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a loadable geolocate model ({one_line(e)})") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file")
-    backbone = create_backbone(ck["backbone"], pretrained=ck["backbone_state"] is None)
-    if ck["backbone_state"] is not None:
-        backbone.load_state_dict(ck["backbone_state"])
-    head = CellHead(ck["num_features"], ck["labels"]["num_classes"], ck["dropout"])
-    head.load_state_dict(ck["head_state"])
+    missing = [k for k in _REQUIRED if k not in ck]
+    if missing:
+        raise ValueError(f"{path}: a damaged {FORMAT} file: no {', '.join(missing)}")
+    labels = ck["labels"]
+    classes = labels.get("classes") if isinstance(labels, dict) else None
+    n_cls = labels.get("num_classes") if isinstance(labels, dict) else None
+    if not isinstance(classes, list) or not isinstance(n_cls, int) or len(classes) != n_cls or n_cls < 1:
+        raise ValueError(f"{path}: its labels list {len(classes) if isinstance(classes, list) else 'no'} classes "
+                         f"but declare {n_cls!r}: a damaged model file")
+    try:
+        backbone = create_backbone(str(ck["backbone"]), pretrained=ck["backbone_state"] is None)
+    except KeyError as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
+    except Exception as e:  # noqa: BLE001 - an optional backbone library that is missing or fails
+        raise ValueError(f"{path}: cannot build its backbone {ck['backbone']!r} ({one_line(e)})") from None
+    try:
+        if ck["backbone_state"] is not None:
+            backbone.load_state_dict(ck["backbone_state"])
+        head = CellHead(int(ck["num_features"]), n_cls, float(ck["dropout"]))
+        head.load_state_dict(ck["head_state"])
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
+        raise ValueError(f"{path}: its weights do not fit its backbone {ck['backbone']!r} and {n_cls} classes "
+                         f"({one_line(e)})") from None
     model = GeoModel(backbone, head).eval()
     info = {k: v for k, v in ck.items() if k not in ("backbone_state", "head_state")}
     return model, info
+
+
+_REQUIRED = ("backbone", "backbone_state", "head_state", "num_features", "dropout", "labels", "preprocess")
+
+
+def sidecar_path(path: Path) -> Path:
+    """``models/best.pt`` -> ``models/best.json``: the promotion record holding the model's sha256."""
+    return path.with_suffix(".json")
+
+
+def verify_sidecar(path: Path) -> None:
+    """Raise ValueError when ``path`` has a sidecar JSON with a sha256 that its bytes do not match."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return
+    try:
+        record = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{side}: unreadable ({one_line(e)}); cannot verify {path.name}") from None
+    expected = record.get("sha256") if isinstance(record, dict) else None
+    if not expected:
+        return
+    if file_sha256(path) != expected:
+        raise ValueError(f"{path}: its sha256 does not match the one recorded in {side} (corrupted or replaced file); "
+                         "restore it or train again")

@@ -9,7 +9,6 @@ model is detected and rebuilt, and an ``.onnx`` file alone is enough to serve.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import warnings
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ..io import atomic_write, file_sha256
 from ..models.onnx import ort_session, to_onnx_bytes
 
 ONNX_FORMAT = "geolocate-onnx/1"
@@ -32,14 +31,6 @@ PARITY_TOL = 1e-4
 
 class ExportError(RuntimeError):
     """An export that cannot be written or does not reproduce the PyTorch model."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ProbabilityModel(nn.Module):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..exif import read_exif
 from ..geo import haversine_km
-from ..io import ImageError, load_image
+from ..io import ImageError, load_image, one_line
 from ..models import Preprocess, load_model
 
 ENGINES = ("torch", "onnx")
@@ -140,10 +140,17 @@ class Geolocator:
         if name is None:
             name = str(item) if isinstance(item, (str, Path)) else ("<upload>" if isinstance(item, (bytes, bytearray)) else "<image>")
         pred = Prediction(source=name)
+        if not isinstance(item, (str, Path, bytes, bytearray, Image.Image)):
+            pred.error = f"{name}: not an image input (give a path, bytes or a PIL image, not {type(item).__name__})"
+            return None, pred
         try:
             im = load_image(item, name=given, draft=self.preprocess.size * 2)
+            array = self.preprocess.image_to_array(im)
         except ImageError as e:
             pred.error = str(e)
+            return None, pred
+        except Exception as e:  # noqa: BLE001 - whatever one image does (MemoryError included) is that image's error
+            pred.error = f"{name}: cannot be prepared ({one_line(e)})"
             return None, pred
         if truth is not None:
             pred.true_lat, pred.true_lon = truth
@@ -151,14 +158,19 @@ class Geolocator:
             meta = read_exif(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item)
             if meta["lat"] is not None:
                 pred.true_lat, pred.true_lon = meta["lat"], meta["lon"]
-        return self.preprocess.image_to_array(im), pred
+        return array, pred
 
     def predict_one(self, item: ImageInput, top_k: int = 5, name: str | None = None,
                     truth: tuple[float, float] | None = None) -> Prediction:
         """One image, decoded and run in the calling thread (what the HTTP server uses per request)."""
+        _check_positive("top_k", top_k)
         return next(self._run([self._prepare(item, truth, name)], top_k))
 
     def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int) -> Prediction:
+        if not np.isfinite(probs).all():
+            pred.error = (f"{pred.source}: the model gave non-finite probabilities (a corrupted model file?); "
+                          "no prediction")
+            return pred
         order = np.argsort(-probs)[:top_k]
         pred.top = [CellPrediction(cell=self.classes[i]["cell"], place=self.classes[i]["place"], probability=float(probs[i]),
                                    lat=float(self.class_lat[i]), lon=float(self.class_lon[i])) for i in order]
@@ -173,7 +185,12 @@ class Geolocator:
         """Stream predictions in input order; decoding runs on threads alongside inference.
 
         At most two batches are decoded ahead of the model, so memory stays flat for any number of inputs.
+        ``top_k`` and ``batch_size`` must be positive integers (ValueError otherwise).
         """
+        _check_positive("top_k", top_k)
+        _check_positive("batch_size", batch_size)
+        if images is None:
+            raise ValueError("images is None: give a path, bytes, a PIL image or a list of them")
         items = list(images)
         truths = list(truths) if truths is not None else [None] * len(items)
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -195,7 +212,18 @@ class Geolocator:
 
     def _run(self, buf, top_k: int) -> Iterator[Prediction]:
         arrays = [a for a, _ in buf if a is not None]
-        probs = self.probabilities(torch.from_numpy(np.stack(arrays))) if arrays else None
+        try:
+            probs = self.probabilities(torch.from_numpy(np.stack(arrays))) if arrays else None
+        except Exception as e:  # noqa: BLE001 - one bad input must not sink the batch: run them one by one
+            if len(arrays) > 1:
+                for a, pred in buf:
+                    yield from (self._run([(a, pred)], top_k) if a is not None else [pred])
+                return
+            for a, pred in buf:
+                if a is not None:
+                    pred.error = f"{pred.source}: inference failed ({one_line(e)})"
+                yield pred
+            return
         j = 0
         for a, pred in buf:
             if a is None:
@@ -206,6 +234,12 @@ class Geolocator:
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32,
                 truths: Sequence[tuple[float, float] | None] | None = None) -> list[Prediction]:
+        """One Prediction per input, in order; an input that cannot be used has ``error`` set instead of raising."""
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
             images = [images]
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size, truths=truths))
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

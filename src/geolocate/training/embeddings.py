@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..io import ImageError, atomic_write, load_image
-from ..progress import console, progress_bar
+from ..progress import console, progress_bar, tagged
 
 
 def file_key(path: str) -> str:
@@ -35,7 +35,7 @@ def load_batch(paths: Sequence[str], preprocess, draft: int) -> tuple[torch.Tens
             arrays.append(preprocess.image_to_array(load_image(p, draft=draft)))
             ok.append(True)
         except ImageError as e:
-            console.print(f"[red]skipped:[/] {e}", highlight=False)
+            console.print(tagged("skipped", e, "red"), highlight=False, soft_wrap=True)
             ok.append(False)
     return (torch.from_numpy(np.stack(arrays)) if arrays else None), ok
 
@@ -91,7 +91,7 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
                 if z["feats"].shape[1] == backbone.num_features:
                     old = {i: (k, f) for i, k, f in zip(z["ids"], z["keys"], z["feats"])}
         except (OSError, KeyError, ValueError):
-            console.print(f"[yellow]warning:[/] embedding cache {cache} unreadable: rebuilding it")
+            console.print(tagged("warning", f"embedding cache {cache} unreadable: rebuilding it"))
     feats = np.full((len(ids), backbone.num_features), np.nan, dtype=np.float32)
     todo = []
     for j, (i, k) in enumerate(zip(ids_arr, keys)):
