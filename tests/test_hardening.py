@@ -492,3 +492,11 @@ def test_atomic_writes_respect_the_umask(tmp_path):
         assert write_text(tmp_path / "b.txt", "y").stat().st_mode & 0o777 == 0o664
     finally:
         os.umask(old)
+
+
+def test_help_shows_no_bool_tags_on_flags():
+    for cmd in (["predict", "--help"], ["train", "--help"], ["build-dataset", "--help"]):
+        r = runner.invoke(app, cmd, env={"COLUMNS": "160"})
+        assert r.exit_code == 0 and "--help" in r.output
+        assert "<bool>" not in r.output, r.output
+    assert "<path>" in runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "160"}).output  # value types stay

@@ -30,6 +30,32 @@ def _fmt(v, kind: str) -> str:
     return _cell(v, kind)
 
 
+# `runs list` columns in display order, and the order they are dropped in when the terminal is narrow (last first)
+LIST_COLUMNS = [("dataset_group", "data", "s"), ("rank", "#", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),
+                ("val_top1_acc", "val top1", "pct"), ("val_median_km", "val med km", "km"), ("val_p90_km", "val p90 km", "km"),
+                ("test_top1_acc", "test top1", "pct"), ("test_median_km", "test med km", "km"),
+                ("knn_test_median_km", "kNN test med km", "km"), ("missing_artifacts", "miss", "i"), ("epochs_run", "ep", "i")]
+LIST_PRIORITY = ["run_id", "score", "test_median_km", "val_median_km", "rank", "test_top1_acc", "val_top1_acc",
+                 "dataset_group", "knn_test_median_km", "val_p90_km", "missing_artifacts", "epochs_run"]
+_RUN_ID_MIN = 24  # a run id folds onto several lines down to this width
+
+
+def _width(rows: list[dict], col: str) -> int:
+    return max([len(r[col]) for r in rows] + [1])
+
+
+def fit_columns(rows: list[dict], width: int) -> list[tuple[str, str, str]]:
+    """The LIST_COLUMNS that fit ``width`` with every value whole (highest priority first; the run id may fold)."""
+    need = {c: (min(_width(rows, c), _RUN_ID_MIN) if c == "run_id" else max(_width(rows, c), len(label))) + 3
+            for c, label, _ in LIST_COLUMNS}  # cell padding and the border
+    keep, used = set(), 1
+    for c in LIST_PRIORITY:
+        if used + need[c] <= width or not keep:
+            keep.add(c)
+            used += need[c]
+    return [col for col in LIST_COLUMNS if col[0] in keep]
+
+
 def register(app: typer.Typer) -> None:
     runs_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Finished runs: list, rank, compare, track.")
     app.add_typer(runs_app, name="runs")
@@ -52,16 +78,19 @@ def register(app: typer.Typer) -> None:
             _warn(res.warnings)
             out_console.print(f"no runs with a summary.json under {root}", markup=False)
             return
+        rows = [{c: _fmt(r[c], kind) for c, _, kind in LIST_COLUMNS} for r in res.table.iter_rows(named=True)]
+        shown = fit_columns(rows, out_console.width)
         t = Table(title=Text(f"runs in {root}" + (" — MIXED DATASETS: ranks are per dataset" if res.mixed else "")))
-        cols = [("dataset_group", "data", "s"), ("rank", "#", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),
-                ("val_top1_acc", "val top1", "pct"), ("val_median_km", "val med km", "km"), ("val_p90_km", "val p90 km", "km"),
-                ("test_top1_acc", "test top1", "pct"), ("test_median_km", "test med km", "km"),
-                ("knn_test_median_km", "kNN test med km", "km"), ("missing_artifacts", "miss", "i"), ("epochs_run", "ep", "i")]
-        for c, label, kind in cols:
-            t.add_column(label, justify="left" if kind == "s" else "right", no_wrap=c in ("run_id", "dataset_group"))
-        for r in res.table.iter_rows(named=True):
-            t.add_row(*[_fmt(r[c], kind) for c, _, kind in cols])
+        for c, label, kind in shown:
+            t.add_column(label, justify="left" if kind == "s" else "right", no_wrap=c != "run_id", overflow="fold",
+                         min_width=min(_width(rows, c), _RUN_ID_MIN) if c == "run_id" else None)
+        for r in rows:
+            t.add_row(*[Text(r[c]) for c, _, _ in shown])
         out_console.print(t)
+        hidden = [label for c, label, _ in LIST_COLUMNS if (c, label, _) not in shown]
+        if hidden:
+            out_console.print(f"{len(hidden)} columns hidden at {out_console.width} columns ({', '.join(hidden)}): "
+                              "widen the terminal or use --json", markup=False, highlight=False)
         _warn(res.warnings)
 
     @runs_app.command("aggregate")
