@@ -382,22 +382,33 @@ class _GateEngine:
         return self.real.probabilities(batch)
 
 
-def test_server_sheds_load_with_503(trained, photos_dir):
+def test_server_queues_then_sheds_load_with_503(trained, photos_dir):
     _, _, model = trained
     geo = Geolocator.from_pretrained(model)
     geo.engine = gate = _GateEngine(geo.engine)
     data = (photos_dir / GOOD).read_bytes()
-    with serve_in_thread(create_app(geo, max_inflight=1)) as url:
-        first: dict = {}
-        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/predict", files={"file": ("a.jpg", data)}, timeout=60)))
-        t.start()
+    with serve_in_thread(create_app(geo, max_inflight=1, max_queued=1)) as url:
+        answers: dict = {}
+
+        def post(key: str) -> None:
+            answers[key] = httpx.post(f"{url}/predict", files={"file": (f"{key}.jpg", data)}, timeout=60)
+
+        first = threading.Thread(target=post, args=("a",))
+        first.start()
         assert gate.entered.wait(60)  # the one slot is busy inferring
-        r = httpx.post(f"{url}/predict", files={"file": ("b.jpg", data)}, timeout=60)
+        second = threading.Thread(target=post, args=("b",))
+        second.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").json()["in_flight"] < 2:  # the second waits in the queue
+            assert time.monotonic() < deadline and second.is_alive()
+        r = httpx.post(f"{url}/predict", files={"file": ("c.jpg", data)}, timeout=60)
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
         gate.gate.set()
-        t.join(60)
-        assert first["r"].status_code == 200
-        assert httpx.post(f"{url}/predict", files={"file": ("c.jpg", data)}, timeout=60).status_code == 200  # slot freed
+        first.join(60)
+        second.join(60)
+        assert answers["a"].status_code == answers["b"].status_code == 200  # queued work is done, not dropped
+        assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+        assert httpx.post(f"{url}/predict", files={"file": ("d.jpg", data)}, timeout=60).status_code == 200
 
 
 def test_server_refuses_cross_origin_posts_and_foreign_hosts(trained, photos_dir):

@@ -16,7 +16,7 @@ engine serialises model calls, so the model is shared safely. Uploads over
 while streaming); non-images get 415, corrupt or truncated images 422.
 
 Hardening: at most ``max_inflight`` uploads are decoded or inferred at once
-(the next gets 503 with Retry-After); POSTs whose ``Origin`` is not this host
+and ``max_queued`` more wait for a slot (the next gets 503 with Retry-After); POSTs whose ``Origin`` is not this host
 get 403 (no cross-site form posts); ``allowed_hosts`` answers other ``Host``
 headers with 400; and :func:`server_config` gives uvicorn a header-read
 timeout (slowloris), a keep-alive timeout and a connection limit.
@@ -81,6 +81,7 @@ class HealthOut(BaseModel):
     classes: int
     uptime_s: float
     requests: int
+    in_flight: int = Field(0, description="uploads being processed or waiting for a slot")
 
 
 # ---- geometry -------------------------------------------------------------------
@@ -233,17 +234,20 @@ def _same_origin(origin: str, host: str) -> bool:
 
 
 # ---- the app ------------------------------------------------------------------------
-def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: int = 4,
+def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: int = 4, max_queued: int = 16,
                allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The FastAPI app serving ``geolocator`` (shared by all requests).
 
-    ``max_inflight``: uploads decoded/inferred at once; more get 503. ``allowed_hosts``: accepted ``Host`` header
+    ``max_inflight``: uploads decoded/inferred at once; ``max_queued``: how many more may wait for a slot, beyond
+    which requests get 503 (load shedding: memory stays bounded under any load). ``allowed_hosts``: accepted ``Host`` header
     names (``*.example.org`` patterns allowed); None accepts any.
     """
-    if max_inflight < 1:
-        raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+    if max_inflight < 1 or max_queued < 0:
+        raise ValueError(f"max_inflight must be >= 1 and max_queued >= 0, got {max_inflight} and {max_queued}")
     max_bytes = int(max_upload_mb * MB)
-    slots = threading.BoundedSemaphore(max_inflight)
+    admitted = threading.BoundedSemaphore(max_inflight + max_queued)  # taken without waiting: 503 when none is left
+    working = threading.Semaphore(max_inflight)                       # waited for in the worker thread
+    in_flight = {"n": 0}
     too_large = f"upload exceeds the {max_upload_mb:g} MB limit"
     card = geolocator.model_card()
     num_classes = len(geolocator.classes)
@@ -265,6 +269,10 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     def infer(data: bytes, name: str, top_k: int) -> dict:
+        with working:
+            return _infer(data, name, top_k)
+
+    def _infer(data: bytes, name: str, top_k: int) -> dict:
         from PIL import Image, UnidentifiedImageError
 
         t0 = time.perf_counter()
@@ -296,7 +304,7 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
     @app.get("/health", response_model=HealthOut, summary="Liveness and a few counters")
     def health() -> dict:
         return {"status": "ok", "engine": geolocator.engine_name, "classes": num_classes,
-                "uptime_s": round(time.time() - started, 1), "requests": counter["n"]}
+                "uptime_s": round(time.time() - started, 1), "requests": counter["n"], "in_flight": in_flight["n"]}
 
     @app.get("/model", summary="Model card: backbone, classes, H3 resolution, training data, metrics")
     def model() -> dict:
@@ -312,10 +320,12 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
         top_k_form: Optional[int] = Form(None, alias="top_k", ge=1, description="the same as a form field"),
     ) -> dict:
         k = top_k or top_k_form or 5
-        if not slots.acquire(blocking=False):
+        if not admitted.acquire(blocking=False):
             await file.close()
-            raise HTTPException(503, f"busy: {max_inflight} photos are being processed; retry in a moment",
-                                headers={"Retry-After": "1"})
+            raise HTTPException(503, f"busy: {max_inflight} photos are being processed and {max_queued} are waiting; "
+                                     "retry in a moment", headers={"Retry-After": "1"})
+        with counter_lock:
+            in_flight["n"] += 1
         try:
             data = await file.read(max_bytes + 1)
             await file.close()
@@ -323,7 +333,9 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
                 raise HTTPException(413, too_large)
             return await run_in_threadpool(infer, data, file.filename or "upload", min(k, num_classes))
         finally:
-            slots.release()
+            with counter_lock:
+                in_flight["n"] -= 1
+            admitted.release()
 
     return app
 
