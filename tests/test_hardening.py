@@ -213,6 +213,8 @@ def _n_classes(ck: dict) -> int:
      "weights do not fit"),
     ("short_classes", lambda ck: ck["labels"].update(classes=ck["labels"]["classes"][:-1]), "but declare"),
     ("labels_not_a_dict", lambda ck: ck.update(labels=[1, 2]), "but declare"),
+    ("class_without_centroid", lambda ck: ck["labels"]["classes"][0].pop("lat"), "a class without cell, lat, lon, place"),
+    ("no_preprocess_size", lambda ck: ck["preprocess"].pop("size"), "no usable preprocess"),
 ])
 def test_wrong_model_files_are_one_line(trained, tmp_path, photos_dir, name, change, message):
     _, _, model = trained

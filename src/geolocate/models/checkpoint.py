@@ -61,6 +61,11 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
     if not isinstance(classes, list) or not isinstance(n_cls, int) or len(classes) != n_cls or n_cls < 1:
         raise ValueError(f"{path}: its labels list {len(classes) if isinstance(classes, list) else 'no'} classes "
                          f"but declare {n_cls!r}: a damaged model file")
+    if not all(isinstance(c, dict) and _CLASS_KEYS <= c.keys() for c in classes):
+        raise ValueError(f"{path}: a class without {', '.join(sorted(_CLASS_KEYS))}: a damaged model file")
+    pp = ck["preprocess"]
+    if not isinstance(pp, dict) or not {"size", "mean", "std"} <= pp.keys():
+        raise ValueError(f"{path}: no usable preprocess (size, mean, std): a damaged model file")
     try:
         backbone = create_backbone(str(ck["backbone"]), pretrained=ck["backbone_state"] is None)
     except KeyError as e:
@@ -80,6 +85,7 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
     return model, info
 
 
+_CLASS_KEYS = frozenset({"cell", "lat", "lon", "place"})
 _REQUIRED = ("backbone", "backbone_state", "head_state", "num_features", "dropout", "labels", "preprocess")
 
 
