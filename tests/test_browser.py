@@ -68,8 +68,54 @@ def test_page_upload_shows_five_cells_on_the_map(trained, photos_dir, tmp_path):
             page.set_input_files("#file", str(bad))
             page.wait_for_function("document.body.dataset.state === 'error'", timeout=20_000)
             assert "not a recognised image format" in page.locator("#error").inner_text()
+            # ... and nothing of the previous photo's answer stays under it
+            assert page.locator("#results").is_hidden() and page.locator("#summary").is_hidden()
+            assert page.locator("#results tbody tr").count() == 0
+            assert page.locator("#cells path.cell").count() == 0 and page.locator("#marks *").count() == 0
+            assert page.locator("#zoom-cells").is_disabled()
 
             assert not errors, errors
             assert all(u.startswith(url) or u.startswith(("blob:", "data:")) for u in requests), requests
+        finally:
+            browser.close()
+
+
+PHONE = {"width": 390, "height": 844}
+_OVERFLOW = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+_CONTRAST = """(sel) => {
+  const lum = (c) => { const v = c.match(/[\\d.]+/g).slice(0, 3).map(Number).map((x) => { x /= 255; return x <= 0.03928 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4; });
+                       return 0.2126 * v[0] + 0.7152 * v[1] + 0.0722 * v[2]; };
+  const el = document.querySelector(sel), st = getComputedStyle(el);
+  const a = lum(st.color), b = lum(st.backgroundColor);
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
+def test_page_and_dashboards_fit_a_phone(trained, photos_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from geolocate.runs.aggregate import aggregate
+
+    cfg, run_dir, _ = trained
+    agg = aggregate(run_dir.parent, tmp_path / "_aggregate").out_dir / "dashboard.html"
+    geo = onnx_geolocator(trained)
+    with serve_in_thread(create_app(geo)) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport=PHONE)
+            page.goto(url + "/")
+            page.wait_for_function("document.body.dataset.ready === '1'", timeout=20_000)
+            assert page.evaluate(_OVERFLOW) == 0
+            page.set_input_files("#file", str(photos_dir / PHOTO))
+            page.wait_for_function("document.body.dataset.state === 'done'", timeout=30_000)
+            assert page.locator("#results tbody tr.cell-row").count() == 5
+            assert page.evaluate(_OVERFLOW) == 0, "the result page is wider than the phone"
+            page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+            for dash in (run_dir / "dashboard.html", agg):
+                page.goto(dash.as_uri())
+                assert page.evaluate(_OVERFLOW) == 0, f"{dash} is wider than the phone"
+            page.goto((run_dir / "dashboard.html").as_uri())
+            assert page.evaluate(_CONTRAST, "header code") >= 4.5  # the dataset fingerprint badge is readable
+            assert page.locator("li.missing", has_text="dashboard.html").count() == 0
         finally:
             browser.close()

@@ -49,7 +49,7 @@ def test_predict_cli_table_json_and_errors(trained, photos_dir, tmp_path):
         shutil.copy(photos_dir / f, folder / f)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     r = runner.invoke(app, ["predict", str(folder), "--model", str(model), "--json"])
-    assert r.exit_code == 0
+    assert r.exit_code == 3  # some inputs failed: a distinct status (0 would hide the failure)
     lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert len(lines) == 3 and sum(1 for x in lines if x["error"]) == 1
     assert "2 predicted, 1 failed" in r.output

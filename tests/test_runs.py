@@ -334,3 +334,28 @@ def test_mlflow_tracker_logs_a_run(two_runs, tmp_path):
     assert run.data.params["train.epochs"] == "25"
     assert run.data.metrics["test.median_km"] > 0
     assert run.data.tags["geolocate.run_id"] == runs[0].name
+
+
+def test_a_new_dashboard_does_not_list_itself_as_missing(two_runs, tmp_path):
+    _, runs = two_runs
+    (run,) = _copy_runs(runs[:1], tmp_path)
+    (run / "dashboard.html").unlink()  # as on a run's first write
+    text = write_dashboard(run).read_text()
+    assert "dashboard.html (missing)" not in text and '<a href="dashboard.html">dashboard.html</a>' in text
+
+
+def test_runs_list_at_80_columns_shows_whole_values(two_runs, monkeypatch):
+    from geolocate.cli import common
+    from geolocate.runs.aggregate import _cell
+
+    runs_dir, runs = two_runs
+    monkeypatch.setattr(common.out_console, "_width", 80)
+    r = CliRunner().invoke(app, ["runs", "list", "--runs-dir", str(runs_dir)])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    table = collect(runs_dir).table
+    for row in table.iter_rows(named=True):  # the key numbers of every run are there, whole
+        for col, kind in (("score", "f3"), ("test_median_km", "km"), ("val_median_km", "km"), ("test_top1_acc", "pct")):
+            assert any(f" {_cell(row[col], kind)} " in line for line in lines), (col, r.stdout)
+    assert "columns hidden at 80 columns" in r.stdout and "--json" in r.stdout

@@ -138,7 +138,7 @@ def test_promotion_only_when_gate_improves(tmp_path):
     assert promote_best(tmp_path / "models", m, "r3", "median_km", 400.0, "fp") == (True, 500.0)
     assert (tmp_path / "models" / "best.pt").read_bytes() == b"better"
     assert json.loads((tmp_path / "models" / "best.json").read_text())["run_id"] == "r3"
-    assert not list((tmp_path / "models").glob(".*"))  # no temp files left
+    assert [p.name for p in (tmp_path / "models").glob(".*")] == [".best.lock"]  # no temp files left; the lock file stays
     # another dataset/split is not comparable: the new model replaces the old one
     m.write_bytes(b"other data")
     assert promote_best(tmp_path / "models", m, "r4", "median_km", 9000.0, "fp2") == (True, None)

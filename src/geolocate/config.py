@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses as dc
 import json
+import math
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+MAX_EPOCHS = 10_000  # more is a typo, not a plan
 
 
 class ConfigError(ValueError):
@@ -172,7 +176,11 @@ class Config:
                 where = ".".join(parts[:i]) or "top level"
                 raise ConfigError(f"unknown config key {key!r}: valid keys at {where}: {', '.join(names)}")
             if i == len(parts) - 1:
-                _assign(obj, part, yaml.safe_load(raw), key)
+                try:
+                    value = yaml.safe_load(raw)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"override {item!r}: the value does not parse ({str(e).splitlines()[0]}); quote it or fix it") from None
+                _assign(obj, part, value, key)
             else:
                 obj = getattr(obj, part)
                 if not dc.is_dataclass(obj):
@@ -193,7 +201,18 @@ class Config:
             (len(self.index.split_ratios) == 3 and all(r >= 0 for r in self.index.split_ratios) and abs(sum(self.index.split_ratios) - 1) < 1e-6,
              f"index.split_ratios must be three non-negative numbers summing to 1, got {self.index.split_ratios}"),
             (self.train.epochs >= 1 and self.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1"),
-            (self.train.geo_tau_km > 0, "train.geo_tau_km must be > 0"),
+            (self.train.epochs <= MAX_EPOCHS and self.train.finetune_epochs <= MAX_EPOCHS,
+             f"train.epochs and train.finetune_epochs must be <= {MAX_EPOCHS}, got {self.train.epochs} and {self.train.finetune_epochs}"),
+            (math.isfinite(self.train.lr) and self.train.lr > 0, f"train.lr must be a finite number > 0, got {self.train.lr}"),
+            (math.isfinite(self.train.weight_decay) and self.train.weight_decay >= 0, f"train.weight_decay must be finite and >= 0, got {self.train.weight_decay}"),
+            (math.isfinite(self.train.grad_clip) and self.train.grad_clip >= 0, f"train.grad_clip must be finite and >= 0 (0 = off), got {self.train.grad_clip}"),
+            (math.isfinite(self.train.finetune_lr_mult) and self.train.finetune_lr_mult > 0, f"train.finetune_lr_mult must be finite and > 0, got {self.train.finetune_lr_mult}"),
+            (min(self.train.patience, self.train.warmup_epochs, self.train.finetune_epochs) >= 0,
+             f"train.patience, train.warmup_epochs and train.finetune_epochs must be >= 0, got {self.train.patience}, "
+             f"{self.train.warmup_epochs}, {self.train.finetune_epochs}"),
+            (self.index.min_cell_samples >= 0, f"index.min_cell_samples must be >= 0, got {self.index.min_cell_samples}"),
+            (self.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.eval.knn_k}"),
+            (math.isfinite(self.train.geo_tau_km) and self.train.geo_tau_km > 0, "train.geo_tau_km must be a finite number > 0"),
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),
@@ -207,7 +226,10 @@ def read_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     try:
         if p.suffix.lower() == ".toml":
             data = tomllib.loads(text)

@@ -18,20 +18,26 @@ def _rational(x) -> float:
         return float(num) / float(den)
 
 
-def _dms(value, ref) -> float | None:
-    try:
-        if isinstance(value, (int, float)):
-            deg = float(value)
-        else:
-            parts = [_rational(v) for v in value]
-            deg = parts[0] + (parts[1] if len(parts) > 1 else 0) / 60 + (parts[2] if len(parts) > 2 else 0) / 3600
-    except (TypeError, ValueError, ZeroDivisionError, IndexError):
-        return None
+def _dms(value, ref, axis: str) -> float:
+    """Degrees from EXIF degrees/minutes/seconds and an N/S (or E/W) reference; ValueError names what is wrong."""
+    refs = {"lat": ("N", "S"), "lon": ("E", "W")}[axis]
+    tag = "GPSLatitude" if axis == "lat" else "GPSLongitude"
     if isinstance(ref, bytes):
         ref = ref.decode("ascii", "ignore")
-    if str(ref).strip().upper()[:1] in ("S", "W"):
-        deg = -deg
-    return deg
+    ref = str(ref).strip("\x00 ").upper() if ref is not None else ""
+    if ref not in refs:
+        raise ValueError(f"{tag}Ref is {'missing' if not ref else repr(ref)} (expected {' or '.join(refs)})")
+    try:
+        if isinstance(value, (int, float)):
+            parts = [float(value)]
+        else:
+            parts = [_rational(v) for v in value]
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        raise ValueError(f"{tag} {value!r} is not degrees/minutes/seconds") from None
+    if not parts or any(x != x or x < 0 for x in parts) or any(x >= 60 for x in parts[1:3]):
+        raise ValueError(f"{tag} {'/'.join(f'{x:g}' for x in parts)} is not valid degrees/minutes/seconds")
+    deg = parts[0] + (parts[1] if len(parts) > 1 else 0) / 60 + (parts[2] if len(parts) > 2 else 0) / 3600
+    return -deg if ref == refs[1] else deg
 
 
 def _bare_tiff_app1(im: Image.Image) -> Image.Exif:
@@ -54,9 +60,11 @@ def image_exif(im: Image.Image) -> Image.Exif:
 
 
 def read_exif(path: str | Path) -> dict:
-    """Return {'lat', 'lon', 'captured_at', 'make', 'heading'}; missing values are None.
+    """Return {'lat', 'lon', 'captured_at', 'make', 'heading', 'gps_error'}; missing values are None.
 
-    Never raises for a readable image whose EXIF is absent or malformed.
+    A GPS position with a missing or invalid N/S/E/W reference, or minutes/seconds
+    of 60 or more, gives no position and ``gps_error`` saying why. Never raises
+    for a readable image whose EXIF is absent or malformed.
     """
     try:
         with Image.open(path) as im:
@@ -66,18 +74,22 @@ def read_exif(path: str | Path) -> dict:
 
 
 def exif_metadata(exif: Image.Exif) -> dict:
-    """{'lat', 'lon', 'captured_at', 'make', 'heading'} from a parsed EXIF block; missing values are None."""
-    out: dict = {"lat": None, "lon": None, "captured_at": None, "make": None, "heading": None}
+    """{'lat', 'lon', 'captured_at', 'make', 'heading', 'gps_error'} from a parsed EXIF block (see read_exif)."""
+    out: dict = {"lat": None, "lon": None, "captured_at": None, "make": None, "heading": None, "gps_error": None}
     try:
         gps = exif.get_ifd(_GPS_IFD) if exif else {}
         sub = exif.get_ifd(_EXIF_IFD) if exif else {}
     except Exception:  # noqa: BLE001
         return out
-    if gps:
-        lat = _dms(gps.get(2), gps.get(1, "N")) if 2 in gps else None
-        lon = _dms(gps.get(4), gps.get(3, "E")) if 4 in gps else None
-        if lat is not None and lon is not None and -90 <= lat <= 90 and -180 <= lon <= 180 and not (lat == 0 and lon == 0):
-            out["lat"], out["lon"] = round(lat, 7), round(lon, 7)
+    if gps and 2 in gps and 4 in gps:
+        try:
+            lat, lon = _dms(gps[2], gps.get(1), "lat"), _dms(gps[4], gps.get(3), "lon")
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                raise ValueError(f"GPS position {lat:g}, {lon:g} is out of range")
+            if not (lat == 0 and lon == 0):
+                out["lat"], out["lon"] = round(lat, 7), round(lon, 7)
+        except ValueError as e:
+            out["gps_error"] = f"invalid EXIF GPS: {e}"
         if 17 in gps:
             try:
                 out["heading"] = _rational(gps[17])

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,11 +22,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decoded images above this many pixels are refused (decompression-bomb guard).
 MAX_IMAGE_PIXELS = 64_000_000
+# Images longer than this many times their width (or wider than tall) are refused at ingest: a 1x60000 strip is no photo.
+MAX_ASPECT = 20.0
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic"})
 
 
 class ImageError(ValueError):
     """An input file that cannot be used as an image; the message names the file."""
+
+
+def one_line(e: BaseException) -> str:
+    """``TypeName: first line of the message``: an exception as one error line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 @contextlib.contextmanager
@@ -34,6 +42,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; written files get the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -51,6 +60,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc); elsewhere set-and-restore under a lock."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any], suffix: str = "") -> Path:
     """Run ``writer(tmp_path)`` and atomically move the result to ``path``."""
     with atomic_path(path, suffix=suffix) as tmp:
@@ -64,6 +90,28 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sidecar_path(path: Path) -> Path:
+    """``models/best.pt`` -> ``models/best.json``: the promotion record holding the model's sha256."""
+    return path.with_suffix(".json")
+
+
+def verify_sidecar(path: Path) -> None:
+    """Raise ValueError when ``path`` has a sidecar JSON with a sha256 that its bytes do not match."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return
+    try:
+        record = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{side}: unreadable ({one_line(e)}); cannot verify {path.name}") from None
+    expected = record.get("sha256") if isinstance(record, dict) else None
+    if not expected:
+        return
+    if file_sha256(path) != expected:
+        raise ValueError(f"{path}: its sha256 does not match the one recorded in {side} (corrupted or replaced file); "
+                         "restore it or train again")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -129,6 +177,14 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
         plt.close(fig)
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
@@ -154,8 +210,13 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None, dra
 
 
 def check_image(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[int, int]:
-    """Cheaply prove a file or bytes decode (JPEG draft mode: truncation is still caught); return the size or raise ImageError."""
-    return _decode(source, name, draft=(256, 256)).size
+    """Cheaply prove a file or bytes decode (JPEG draft mode: truncation is still caught) with a photo's shape
+    (at most :data:`MAX_ASPECT` : 1); return the full size or raise ImageError."""
+    w, h = _decode(source, name, draft=(256, 256)).size  # draft scaling keeps the aspect ratio
+    if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+        label = name or (f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray)) else str(source))
+        raise ImageError(f"{label}: {w}x{h} pixels is not a photo's shape (aspect ratio beyond {MAX_ASPECT:g}:1)")
+    return w, h
 
 
 def _decode(source: str | os.PathLike | bytes, name: str | None, draft: tuple[int, int] | None = None) -> Image.Image:

@@ -7,9 +7,15 @@ import sys
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+
+
+def tagged(tag: str, message: object, style: str = "yellow") -> Text:
+    """``tag: message`` with only the tag styled; the message (paths with ``[`` ``]``, errors) is never read as rich markup."""
+    return Text.assemble((f"{tag}:", style), " ", str(message))
 
 
 def enabled() -> bool:
@@ -36,4 +42,4 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
 
         yield advance
     if prog.disable:  # not a terminal: one summary line instead of a bar
-        console.print(f"{description}: {prog.tasks[0].completed:.0f}/{total if total is not None else '?'} done")
+        console.print(f"{description}: {prog.tasks[0].completed:.0f}/{total if total is not None else '?'} done", markup=False)

@@ -8,6 +8,17 @@ from __future__ import annotations
 import importlib
 
 import typer
+from typer.core import TyperOption
+
+_display_type_rich = TyperOption.display_type_rich
+
+
+def _flag_without_type(self: TyperOption, ctx) -> str | None:
+    """Flags (``--json``, ``--help``) take no value: show no ``<bool>`` tag for them in --help."""
+    return None if self.is_flag else _display_type_rich(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_without_type  # type: ignore[method-assign]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Predict where a photo was taken: build data, train, evaluate, predict, serve.")

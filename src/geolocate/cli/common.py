@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from ..config import Config, ConfigError
+from ..progress import tagged
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -18,7 +19,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="overri
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear error line and exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(tagged("error", message, "bold red"), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

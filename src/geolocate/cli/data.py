@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..progress import tagged
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 
 
@@ -26,7 +27,7 @@ def build_dataset(cfg, source: str) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     for s in result.skipped:
-        err_console.print(f"[yellow]skipped:[/] {s.path}: {s.reason}", highlight=False, soft_wrap=True)
+        err_console.print(tagged("skipped", f"{s.path}: {s.reason}"), highlight=False, soft_wrap=True)
     out_console.print(f"{source}: {len(result.records)} images recorded, {len(result.skipped)} skipped")
     return len(result.records)
 
@@ -45,7 +46,7 @@ def build_index_cmd(cfg) -> dict:
                       + f" ({chosen})", highlight=False, soft_wrap=True)
     out_console.print(f"index: {stats['images']} images in {stats['cells']} cells "
                       f"(per cell min {stats['per_cell']['min']}, median {stats['per_cell']['median']:.0f}, max {stats['per_cell']['max']}; "
-                      f"dropped {stats['dropped_small_cells']} in small cells) -> {Path(cfg.paths.data_dir) / 'index'}")
+                      f"dropped {stats['dropped_small_cells']} in small cells) -> {Path(cfg.paths.data_dir) / 'index'}", markup=False)
     return stats
 
 

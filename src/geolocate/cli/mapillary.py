@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..progress import tagged
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 
 # the order `geolocate batch` runs things in; a missing command is skipped with a warning
@@ -86,7 +87,7 @@ def register(app: typer.Typer) -> None:
             + (f"; waited {s.quota_wait_s:.0f}s on the quota" if s.quota_waits else "") + f" ({s.elapsed_s:.1f}s)",
             highlight=False, soft_wrap=True)
         for line in s.failures[:5]:
-            err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+            err_console.print(tagged("warning", line), highlight=False, soft_wrap=True)
         if s.failed:
             err_console.print(f"[yellow]warning:[/] {s.failed} image(s) failed; a re-run retries them", highlight=False, soft_wrap=True)
 
@@ -136,7 +137,7 @@ def register(app: typer.Typer) -> None:
         for step in BATCH_STEPS:
             cmd = commands.get(step)
             if cmd is None:
-                err_console.print(f"[yellow]warning:[/] skipping {step}: this version has no `geolocate {step}` command", highlight=False, soft_wrap=True)
+                err_console.print(tagged("warning", f"skipping {step}: this version has no `geolocate {step}` command"), highlight=False, soft_wrap=True)
                 continue
             opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
             argv = [*_geolocate_argv(), step] + (["--batch", str(cities_csv)] if step == "download" else [])
@@ -145,7 +146,7 @@ def register(app: typer.Typer) -> None:
             if "--set" in opts:
                 for item in set_ or []:
                     argv += ["--set", item]
-            out_console.print(f"[bold]== {step}[/]: {' '.join(argv[len(_geolocate_argv()):])}", highlight=False, soft_wrap=True)
+            out_console.print(tagged(f"== {step}", ' '.join(argv[len(_geolocate_argv()):]), "bold"), highlight=False, soft_wrap=True)
             rc = subprocess.call(argv)
             if rc != 0:
                 fail(f"batch step `{step}` failed (exit {rc}); fix it and re-run `geolocate batch {cities_csv}`: finished steps resume", code=rc)

@@ -10,7 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..progress import tagged
 from .common import err_console, fail, out_console
+
+# exit codes of `predict` (also listed in its --help)
+EXIT_OK, EXIT_NONE_PREDICTED, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 
 
 class Engine(str, Enum):
@@ -42,6 +46,7 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
                   engine: str = "auto") -> tuple[int, int]:
     """Print predictions; return (ok, failed) counts."""
     from rich.table import Table
+    from rich.text import Text
 
     from ..progress import progress_bar
     from ..serving import Geolocator
@@ -56,7 +61,7 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
             advance()
             if p.error:
                 bad += 1
-                err_console.print(f"[red]error:[/] {p.error}", highlight=False, soft_wrap=True)
+                err_console.print(tagged("error", p.error, "red"), highlight=False, soft_wrap=True)
                 if json_out:
                     print(json.dumps(p.to_dict()))
                 continue
@@ -64,16 +69,16 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
             if json_out:
                 print(json.dumps(p.to_dict()))
                 continue
-            t = Table(title=f"{p.source}", title_justify="left")
+            t = Table(title=Text(p.source), title_justify="left")
             for col in ("#", "H3 cell", "place", "confidence", "lat", "lon"):
                 t.add_column(col, justify="right" if col in ("#", "confidence", "lat", "lon") else "left")
             for i, c in enumerate(p.top, 1):
-                t.add_row(str(i), c.cell, c.place, f"{100 * c.probability:.1f}%", f"{c.lat:.4f}", f"{c.lon:.4f}")
+                t.add_row(str(i), c.cell, Text(c.place), f"{100 * c.probability:.1f}%", f"{c.lat:.4f}", f"{c.lon:.4f}")
             out_console.print(t)
             line = f"prediction: {p.lat:.4f}, {p.lon:.4f} ({p.place}, confidence {100 * p.confidence:.1f}%)"
             if p.error_km is not None:
                 line += f"; truth {p.true_lat:.4f}, {p.true_lon:.4f}: error {p.error_km:,.1f} km"
-            out_console.print(line)
+            out_console.print(line, markup=False)
     if len(paths) > 1 or bad:
         err_console.print(f"{ok} predicted, {bad} failed")
     return ok, bad
@@ -91,7 +96,10 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
         engine: Annotated[Engine, typer.Option("--engine", case_sensitive=False, help=ENGINE_HELP)] = Engine.auto,
     ):
-        """Top-k H3 cells with place names, predicted lat/lon, confidence, km error when the truth is known."""
+        """Top-k H3 cells with place names, predicted lat/lon, confidence, km error when the truth is known.
+
+        Exit status: 0 every image predicted; 3 some failed (each named on stderr, the rest predicted); 1 none predicted; 2 bad usage or model file.
+        """
         paths = expand_inputs(inputs)
         if not paths:
             fail("no images found in the given inputs")
@@ -105,8 +113,8 @@ def register(app: typer.Typer) -> None:
                 fail(f"invalid --true-lat/--true-lon {true_lat}, {true_lon}")
             truths = [(true_lat, true_lon)] * len(paths)
         ok, bad = predict_paths(model, paths, top_k, json_out, truths, batch_size, engine.value)
-        if ok == 0:
-            raise typer.Exit(1)
+        if bad:
+            raise typer.Exit(EXIT_NONE_PREDICTED if ok == 0 else EXIT_SOME_FAILED)
 
 
 def main(argv: list[str] | None = None) -> None:

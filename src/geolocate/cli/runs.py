@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from rich.text import Text
+
+from ..progress import tagged
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 
 RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="runs folder (default: paths.runs_dir of the config)")]
@@ -18,13 +21,39 @@ def _runs_dir(runs_dir: Path | None, config: Path | None, set_: list[str] | None
 
 def _warn(lines: list[str]) -> None:
     for w in lines:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(tagged("warning", w), highlight=False, soft_wrap=True)
 
 
 def _fmt(v, kind: str) -> str:
     from ..runs.aggregate import _cell
 
     return _cell(v, kind)
+
+
+# `runs list` columns in display order, and the order they are dropped in when the terminal is narrow (last first)
+LIST_COLUMNS = [("dataset_group", "data", "s"), ("rank", "#", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),
+                ("val_top1_acc", "val top1", "pct"), ("val_median_km", "val med km", "km"), ("val_p90_km", "val p90 km", "km"),
+                ("test_top1_acc", "test top1", "pct"), ("test_median_km", "test med km", "km"),
+                ("knn_test_median_km", "kNN test med km", "km"), ("missing_artifacts", "miss", "i"), ("epochs_run", "ep", "i")]
+LIST_PRIORITY = ["run_id", "score", "test_median_km", "val_median_km", "rank", "test_top1_acc", "val_top1_acc",
+                 "dataset_group", "knn_test_median_km", "val_p90_km", "missing_artifacts", "epochs_run"]
+_RUN_ID_MIN = 24  # a run id folds onto several lines down to this width
+
+
+def _width(rows: list[dict], col: str) -> int:
+    return max([len(r[col]) for r in rows] + [1])
+
+
+def fit_columns(rows: list[dict], width: int) -> list[tuple[str, str, str]]:
+    """The LIST_COLUMNS that fit ``width`` with every value whole (highest priority first; the run id may fold)."""
+    need = {c: (min(_width(rows, c), _RUN_ID_MIN) if c == "run_id" else max(_width(rows, c), len(label))) + 3
+            for c, label, _ in LIST_COLUMNS}  # cell padding and the border
+    keep, used = set(), 1
+    for c in LIST_PRIORITY:
+        if used + need[c] <= width or not keep:
+            keep.add(c)
+            used += need[c]
+    return [col for col in LIST_COLUMNS if col[0] in keep]
 
 
 def register(app: typer.Typer) -> None:
@@ -47,18 +76,21 @@ def register(app: typer.Typer) -> None:
             return
         if res.table.height == 0:
             _warn(res.warnings)
-            out_console.print(f"no runs with a summary.json under {root}")
+            out_console.print(f"no runs with a summary.json under {root}", markup=False)
             return
-        t = Table(title=f"runs in {root}" + (" — MIXED DATASETS: ranks are per dataset" if res.mixed else ""))
-        cols = [("dataset_group", "data", "s"), ("rank", "#", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),
-                ("val_top1_acc", "val top1", "pct"), ("val_median_km", "val med km", "km"), ("val_p90_km", "val p90 km", "km"),
-                ("test_top1_acc", "test top1", "pct"), ("test_median_km", "test med km", "km"),
-                ("knn_test_median_km", "kNN test med km", "km"), ("missing_artifacts", "miss", "i"), ("epochs_run", "ep", "i")]
-        for c, label, kind in cols:
-            t.add_column(label, justify="left" if kind == "s" else "right", no_wrap=c in ("run_id", "dataset_group"))
-        for r in res.table.iter_rows(named=True):
-            t.add_row(*[_fmt(r[c], kind) for c, _, kind in cols])
+        rows = [{c: _fmt(r[c], kind) for c, _, kind in LIST_COLUMNS} for r in res.table.iter_rows(named=True)]
+        shown = fit_columns(rows, out_console.width)
+        t = Table(title=Text(f"runs in {root}" + (" — MIXED DATASETS: ranks are per dataset" if res.mixed else "")))
+        for c, label, kind in shown:
+            t.add_column(label, justify="left" if kind == "s" else "right", no_wrap=c != "run_id", overflow="fold",
+                         min_width=min(_width(rows, c), _RUN_ID_MIN) if c == "run_id" else None)
+        for r in rows:
+            t.add_row(*[Text(r[c]) for c, _, _ in shown])
         out_console.print(t)
+        hidden = [label for c, label, _ in LIST_COLUMNS if (c, label, _) not in shown]
+        if hidden:
+            out_console.print(f"{len(hidden)} columns hidden at {out_console.width} columns ({', '.join(hidden)}): "
+                              "widen the terminal or use --json", markup=False, highlight=False)
         _warn(res.warnings)
 
     @runs_app.command("aggregate")
@@ -74,8 +106,8 @@ def register(app: typer.Typer) -> None:
         _warn(res.warnings)
         best = res.table.filter(res.table["rank"] == 1) if res.table.height else res.table
         for r in best.iter_rows(named=True):
-            out_console.print(f"best on dataset {r['dataset_group']} ({r['dataset_fingerprint']}): {r['run_id']} score {r['score']:.3f}")
-        out_console.print(f"{res.table.height} runs ranked -> {res.out_dir}/dashboard.html, runs_summary.csv, runs_summary.parquet")
+            out_console.print(f"best on dataset {r['dataset_group']} ({r['dataset_fingerprint']}): {r['run_id']} score {r['score']:.3f}", markup=False)
+        out_console.print(f"{res.table.height} runs ranked -> {res.out_dir}/dashboard.html, runs_summary.csv, runs_summary.parquet", markup=False)
 
     @runs_app.command("compare")
     def compare_command(a: Annotated[str, typer.Argument(help="run A: id, id prefix, path or 'latest'")],
@@ -100,7 +132,7 @@ def register(app: typer.Typer) -> None:
             return
         if not cmp["same_dataset"]:
             _warn([f"A and B use different datasets ({cmp['fingerprints'][0]} vs {cmp['fingerprints'][1]}): deltas are not like for like"])
-        t = Table(title=f"A = {cmp['a']}\nB = {cmp['b']}")
+        t = Table(title=Text(f"A = {cmp['a']}\nB = {cmp['b']}"))
         for c in ("predictor", "split", "metric", "A", "B", "B − A", "better"):
             t.add_column(c, justify="left" if c in ("predictor", "split", "metric", "better") else "right")
         for r in cmp["metrics"]:
@@ -120,7 +152,7 @@ def register(app: typer.Typer) -> None:
             for c in ("key", "A", "B"):
                 ct.add_column(c)
             for r in cmp["config_diff"]:
-                ct.add_row(r["key"], str(r["a"]), str(r["b"]))
+                ct.add_row(Text(r["key"]), Text(str(r["a"])), Text(str(r["b"])))
             out_console.print(ct)
         else:
             out_console.print("configs are identical")
@@ -137,7 +169,7 @@ def register(app: typer.Typer) -> None:
             path = write_dashboard(resolve_run(run, root))
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
-        out_console.print(f"dashboard: {path}")
+        out_console.print(f"dashboard: {path}", markup=False)
 
     @runs_app.command("track")
     def track_command(runs: Annotated[list[str], typer.Argument(help="run ids, prefixes, paths or 'latest'")],
@@ -157,4 +189,4 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         for d in dirs:
             rid = tr.log_run(d)
-            out_console.print(f"{d.name}: logged to {tracker}" + (f" (run {rid}, {getattr(tr, 'uri', '')})" if rid else ""))
+            out_console.print(f"{d.name}: logged to {tracker}" + (f" (run {rid}, {getattr(tr, 'uri', '')})" if rid else ""), markup=False)

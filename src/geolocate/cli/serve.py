@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from rich.text import Text
+
+from ..progress import tagged
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 from .predict import ENGINE_HELP, Engine
 
@@ -34,12 +37,17 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
         engine: Annotated[Engine, typer.Option("--engine", help=ENGINE_HELP, case_sensitive=False)] = Engine.auto,
         max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="largest accepted upload")] = 20.0,
+        allowed_host: Annotated[Optional[list[str]], typer.Option(
+            "--allowed-host", help="accepted Host header name, repeatable (e.g. geo.example.org, *.example.org); "
+                                   "default: localhost and 127.0.0.1 on a loopback address, any elsewhere")] = None,
+        max_inflight: Annotated[int, typer.Option("--max-inflight", min=1, help="photos processed at once")] = 4,
+        max_queued: Annotated[int, typer.Option("--max-queued", min=0, help="photos waiting for a slot; more get 503")] = 16,
     ):
         """HTTP API (POST /predict, GET /health, GET /model, docs at /docs) and a web page at /."""
         import uvicorn
 
         from ..serving import Geolocator
-        from ..serving.server import create_app
+        from ..serving.server import create_app, server_config
 
         try:
             geo = Geolocator.from_pretrained(model, engine=engine.value)
@@ -50,10 +58,15 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             exposed = host != "localhost"
         if exposed:
-            err_console.print(f"[yellow]warning:[/] listening on {host}: the API has no authentication")
+            err_console.print(tagged("warning", f"listening on {host}: the API has no authentication"))
+        hosts = list(allowed_host or ([] if exposed or ":" in host else ["localhost", "127.0.0.1", host]))
+        if exposed and not hosts:
+            err_console.print(tagged("warning", "any Host header is accepted: name this server's with --allowed-host"))
         shown = f"[{host}]" if ":" in host else host
-        out_console.print(f"serving {model} ({engine.value}) on http://{shown}:{port}/  (API docs: /docs)")
-        uvicorn.run(create_app(geo, max_upload_mb=max_upload_mb), host=host, port=port, log_level="info")
+        out_console.print(f"serving {model} ({engine.value}) on http://{shown}:{port}/  (API docs: /docs)", markup=False)
+        app_ = create_app(geo, max_upload_mb=max_upload_mb, max_inflight=max_inflight, max_queued=max_queued,
+                          allowed_hosts=hosts or None)
+        uvicorn.Server(server_config(app_, host=host, port=port)).run()
 
     @app.command("export-onnx")
     def export_onnx_command(
@@ -114,7 +127,7 @@ def register(app: typer.Typer) -> None:
         report = verify_snapshot(path)
         if not report.ok:
             fail(f"snapshot {path} does not verify: " + "; ".join(report.lines()))
-        out_console.print(f"snapshot {path}: {report.checked} files, MANIFEST.sha256 verified, read-only", soft_wrap=True, highlight=False)
+        out_console.print(f"snapshot {path}: {report.checked} files, MANIFEST.sha256 verified, read-only", soft_wrap=True, highlight=False, markup=False)
 
     @app.command("verify-snapshot")
     def verify_snapshot_command(path: Annotated[Path, typer.Argument(help="exports/<snapshot>")]):
@@ -123,12 +136,12 @@ def register(app: typer.Typer) -> None:
 
         report = verify_snapshot(path)
         if report.ok:
-            out_console.print(f"OK: {path}: {report.checked} files match MANIFEST.sha256", soft_wrap=True, highlight=False)
+            out_console.print(f"OK: {path}: {report.checked} files match MANIFEST.sha256", soft_wrap=True, highlight=False, markup=False)
             return
         for line in report.lines():
-            err_console.print(f"[red]{line}[/]", highlight=False, soft_wrap=True)
-        err_console.print(f"[bold red]FAILED:[/] {path}: {len(report.changed)} changed, {len(report.missing)} missing, "
-                          f"{len(report.extra)} extra, {len(report.problems)} other problems", highlight=False, soft_wrap=True)
+            err_console.print(Text(line, style="red"), highlight=False, soft_wrap=True)
+        err_console.print(tagged("FAILED", f"{path}: {len(report.changed)} changed, {len(report.missing)} missing, "
+                                 f"{len(report.extra)} extra, {len(report.problems)} other problems", "bold red"), highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -164,4 +177,4 @@ def _split_images(config, set_, split: str, n: int) -> list[str]:
 def _report(path: Path, diff: float | None) -> None:
     size = path.stat().st_size / 1e6
     check = f"; max |p - p_torch| = {diff:.2e}" if diff is not None else "; not checked"
-    out_console.print(f"wrote {path} ({size:.1f} MB){check}", soft_wrap=True, highlight=False)
+    out_console.print(f"wrote {path} ({size:.1f} MB){check}", soft_wrap=True, highlight=False, markup=False)

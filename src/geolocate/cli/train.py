@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..progress import tagged
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 
 
@@ -24,12 +25,13 @@ def train_cmd(cfg, resume: Path | None = None, tracker: str | None = None) -> Pa
 
 def print_summary(run_dir: Path) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from ..runs.artifacts import METRIC_ROWS, _fmt
 
     s = json.loads((run_dir / "summary.json").read_text())
     cols = {"model": s["metrics"]["test"], "prior": s["baselines"]["prior"]["test"], "kNN": s["baselines"]["knn"]["test"]}
-    t = Table(title=f"test split — run {s['run_id']}")
+    t = Table(title=Text(f"test split — run {s['run_id']}"))
     t.add_column("metric")
     for c in cols:
         t.add_column(c, justify="right")
@@ -37,7 +39,7 @@ def print_summary(run_dir: Path) -> None:
         t.add_row(label, *[_fmt(c.get(key), kind) for c in cols.values()])
     out_console.print(t)
     g = s["gate"]
-    out_console.print(f"run: {run_dir}  (REPORT.md, summary.json, metrics.csv, plots/)")
+    out_console.print(f"run: {run_dir}  (REPORT.md, summary.json, metrics.csv, plots/)", markup=False)
     out_console.print(f"gate {g['metric']}={g['value']:.1f} km; previous best {g['previous']}; "
                       + ("promoted to models/best.pt" if g["promoted"] else "models/best.pt kept"))
 
@@ -88,7 +90,7 @@ def register(app: typer.Typer) -> None:
             for i, p in enumerate(geo.predict_iter(part["path"].to_list(), top_k=len(cells), truths=list(zip(part["lat"], part["lon"])))):
                 advance()
                 if p.error:
-                    err_console.print(f"[yellow]skipped:[/] {p.error}", highlight=False, soft_wrap=True)
+                    err_console.print(tagged("skipped", p.error), highlight=False, soft_wrap=True)
                     continue
                 row = np.zeros(len(cells))
                 for c in p.top:
@@ -100,14 +102,14 @@ def register(app: typer.Typer) -> None:
         if not keep:
             fail(f"no image of split {split!r} could be read")
         if len(keep) < part.height:
-            err_console.print(f"evaluated {len(keep)} of {part.height} images; {part.height - len(keep)} unreadable")
+            err_console.print(f"evaluated {len(keep)} of {part.height} images; {part.height - len(keep)} unreadable", markup=False)
         part = part[keep]
         y = np.array([pos.get(c, -1) for c in part["cell"].to_list()])
         m = evaluate(np.array(scores), y, part["lat"].to_numpy(), part["lon"].to_numpy(), np.array(plat), np.array(plon))
         if json_out:
             print(json.dumps(m, indent=2))
         else:
-            out_console.print(metrics_table({f"{model} on {split}": m}))
+            out_console.print(metrics_table({f"{model} on {split}": m}), markup=False)
 
     @app.command("demo")
     def demo_command(config: ConfigOpt = None, set_: SetOpt = None):
@@ -133,4 +135,4 @@ def register(app: typer.Typer) -> None:
         predict_paths(run_dir / "checkpoints" / "model.pt", sample["path"].to_list(), top_k=5,
                       truths=list(zip(sample["lat"].to_list(), sample["lon"].to_list())))
         out_console.print(f"\ndemo finished in {time.time() - t0:.0f} s. Look at {run_dir}/REPORT.md "
-                          f"(and runs/latest); predict your own photo with `geolocate predict PHOTO.jpg`.")
+                          f"(and runs/latest); predict your own photo with `geolocate predict PHOTO.jpg`.", markup=False)

@@ -8,11 +8,12 @@ cell, centroid, place name), ``preprocess``, ``meta`` (run id, metrics, ...).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, one_line, sidecar_path, verify_sidecar  # noqa: F401 - sidecar_path re-exported
 from .backbones import create_backbone
 from .heads import CellHead, GeoModel
 
@@ -36,21 +37,55 @@ def save_model(path: str | Path, model: GeoModel, backbone_spec: str, labels: di
 
 
 def load_model(path: str | Path) -> tuple[GeoModel, dict]:
-    """(model in eval mode, the checkpoint dict without weights)."""
+    """(model in eval mode, the checkpoint dict without weights).
+
+    Every way a file can be wrong (not a model, a model whose parts do not fit together, bytes that differ from
+    the sha256 its sidecar ``<model>.json`` records) is a ValueError with one line naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist (train one with `geolocate train`)")
+    verify_sidecar(path)
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{path}: not a loadable geolocate model ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a loadable geolocate model ({one_line(e)})") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file")
-    backbone = create_backbone(ck["backbone"], pretrained=ck["backbone_state"] is None)
-    if ck["backbone_state"] is not None:
-        backbone.load_state_dict(ck["backbone_state"])
-    head = CellHead(ck["num_features"], ck["labels"]["num_classes"], ck["dropout"])
-    head.load_state_dict(ck["head_state"])
+    missing = [k for k in _REQUIRED if k not in ck]
+    if missing:
+        raise ValueError(f"{path}: a damaged {FORMAT} file: no {', '.join(missing)}")
+    labels = ck["labels"]
+    classes = labels.get("classes") if isinstance(labels, dict) else None
+    n_cls = labels.get("num_classes") if isinstance(labels, dict) else None
+    if not isinstance(classes, list) or not isinstance(n_cls, int) or len(classes) != n_cls or n_cls < 1:
+        raise ValueError(f"{path}: its labels list {len(classes) if isinstance(classes, list) else 'no'} classes "
+                         f"but declare {n_cls!r}: a damaged model file")
+    if not all(isinstance(c, dict) and _CLASS_KEYS <= c.keys() for c in classes):
+        raise ValueError(f"{path}: a class without {', '.join(sorted(_CLASS_KEYS))}: a damaged model file")
+    pp = ck["preprocess"]
+    if not isinstance(pp, dict) or not {"size", "mean", "std"} <= pp.keys():
+        raise ValueError(f"{path}: no usable preprocess (size, mean, std): a damaged model file")
+    try:
+        backbone = create_backbone(str(ck["backbone"]), pretrained=ck["backbone_state"] is None)
+    except KeyError as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
+    except Exception as e:  # noqa: BLE001 - an optional backbone library that is missing or fails
+        raise ValueError(f"{path}: cannot build its backbone {ck['backbone']!r} ({one_line(e)})") from None
+    try:
+        if ck["backbone_state"] is not None:
+            backbone.load_state_dict(ck["backbone_state"])
+        head = CellHead(int(ck["num_features"]), n_cls, float(ck["dropout"]))
+        head.load_state_dict(ck["head_state"])
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
+        raise ValueError(f"{path}: its weights do not fit its backbone {ck['backbone']!r} and {n_cls} classes "
+                         f"({one_line(e)})") from None
     model = GeoModel(backbone, head).eval()
     info = {k: v for k, v in ck.items() if k not in ("backbone_state", "head_state")}
     return model, info
+
+
+_CLASS_KEYS = frozenset({"cell", "lat", "lon", "place"})
+_REQUIRED = ("backbone", "backbone_state", "head_state", "num_features", "dropout", "labels", "preprocess")
+
+

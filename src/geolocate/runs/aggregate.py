@@ -288,7 +288,9 @@ th{background:#f0f2f4;cursor:pointer;user-select:none}th[data-dir=asc]::after{co
 td.l,th.l{text-align:left}tr.first td{font-weight:600}
 .warn{background:#fff4e5;border-left:4px solid #f0a202;padding:8px 12px;margin:0 0 16px}
 .g0{border-left:4px solid #3b82f6}.g1{border-left:4px solid #f59e0b}.g2{border-left:4px solid #10b981}.g3{border-left:4px solid #ef4444}
-.g4{border-left:4px solid #8b5cf6}code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
+.g4{border-left:4px solid #8b5cf6}code{background:#f0f2f4;color:#1d2329;padding:1px 4px;border-radius:3px}
+h1,p{overflow-wrap:anywhere}
+@media (max-width:600px){header{padding:14px 12px}main{padding:12px 8px}section{padding:10px}}
 """
 
 SHOWN = [("dataset_group", "dataset", "s"), ("rank", "rank", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),

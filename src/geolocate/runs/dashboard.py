@@ -37,9 +37,10 @@ ARTIFACT_FILES = ["summary.json", "config.json", "metrics.csv", "REPORT.md", "pr
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f6f8;color:#1d2329}
 header{background:#12263a;color:#fff;padding:18px 28px}header h1{margin:0;font-size:20px}
-header .sub{opacity:.8;font-size:13px;margin-top:4px}
+header .sub{opacity:.8;font-size:13px;margin-top:4px;overflow-wrap:anywhere}
+header code{background:#e8eef5;color:#12263a;font-weight:600}
 main{padding:18px 28px;max-width:1300px}
-section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:14px 18px;margin:0 0 16px}
+section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:14px 18px;margin:0 0 16px;overflow-x:auto}
 h2{font-size:16px;margin:0 0 10px}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
 .card{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:10px 16px;min-width:140px}
@@ -47,13 +48,15 @@ h2{font-size:16px;margin:0 0 10px}
 table{border-collapse:collapse;font-size:13px}th,td{padding:4px 10px;border-bottom:1px solid #e6e8eb;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f0f2f4}
 .best{font-weight:700;color:#0b6e4f}
-.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(520px,100%),1fr));gap:14px}
 .plots figure{margin:0}.plots img{max-width:100%;border:1px solid #e6e8eb}
 .plots figure.wide{grid-column:1/-1}
 figcaption{font-size:12px;color:#5b6670}
 .missing{color:#b00020}.warn{background:#fff4e5;border-left:4px solid #f0a202;padding:8px 12px}
 code{background:#f0f2f4;padding:1px 4px;border-radius:3px}
 ul.links{columns:2}
+h1{overflow-wrap:anywhere}
+@media (max-width:600px){header{padding:14px 12px}main{padding:12px 8px}section{padding:10px}ul.links{columns:1}}
 """
 
 
@@ -193,7 +196,7 @@ def render_dashboard(run_dir: Path, summary: dict) -> str:
     names = list(dict.fromkeys([*ARTIFACT_FILES, *flags, *(f"plots/{p}" for p in [*PLOTS, ERROR_MAP])]))
     items = []
     for n in names:
-        ok = (run_dir / n).exists()
+        ok = n == DASHBOARD or (run_dir / n).exists()  # this page is being written
         items.append(f'<li><a href="{e(n)}">{e(n)}</a></li>' if ok else f'<li class="missing">{e(n)} (missing)</li>')
     parts.append('<section><h2>Artifacts</h2><ul class="links">' + "".join(items) + "</ul>"
                  '<p>All links are relative to this run folder; the aggregate over all runs is '

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import secrets
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ..geo import haversine_km
 from ..index import IndexPaths, load_index
 from ..io import read_json, write_json, write_parquet
 from ..models import CellHead, GeoModel, create_backbone, is_pretrained, save_model
-from ..progress import console
+from ..progress import console, tagged
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
 from ..training.augment import image_batch
 from . import artifacts as A
@@ -33,8 +34,10 @@ from .tracking import get_tracker, log_run_safely
 
 
 def new_run_id(cfg: Config) -> str:
+    """``<time to the microsecond>_<backbone>_<config hash>-<random>``: unique even for one config started twice at once."""
     digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
-    return f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}_{cfg.model.backbone.replace(':', '-').replace('/', '-')}_{digest}"
+    return (f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}_{cfg.model.backbone.replace(':', '-').replace('/', '-')}"
+            f"_{digest}-{secrets.token_hex(3)}")
 
 
 def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str) -> tuple[Split, np.ndarray]:
@@ -63,9 +66,11 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         run_dir = Path(resume)
         cfg = Config.from_dict(read_json(run_dir / "config.json"))
         resume_state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        console.print(f"resuming {run_dir} from epoch {resume_state['epoch']} ({resume_state['phase']})")
+        console.print(f"resuming {run_dir} from epoch {resume_state['epoch']} ({resume_state['phase']})", markup=False)
     else:
         run_dir = runs_dir / new_run_id(cfg)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(exist_ok=False)  # a run directory belongs to exactly one run
         resume_state = None
     run_id = run_dir.name
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -90,7 +95,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     if pretrained:
         feats, ok = cached_embeddings(backbone, ids, paths, cache_dir, engine=cfg.train.embed_engine)
         if (~ok).any():
-            console.print(f"[yellow]warning:[/] {(~ok).sum()} unreadable images left out of this run")
+            console.print(tagged("warning", f"{(~ok).sum()} unreadable images left out of this run"))
             df, feats = df.filter(pl.Series(ok)), feats[ok]
             ids, paths = df["id"].to_list(), df["path"].to_list()
     train, mtr = _split(df, feats, "train")
@@ -153,7 +158,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
             })
     if "test" not in metrics:  # tiny datasets: report val as the gate split
         metrics["test"], baselines["prior"]["test"], baselines["knn"]["test"] = metrics["val"], baselines["prior"]["val"], baselines["knn"]["val"]
-        console.print("[yellow]warning:[/] empty test split: test metrics repeat validation")
+        console.print(tagged("warning", "empty test split: test metrics repeat validation"))
 
     # ---- artifacts ------------------------------------------------------------
     plots = run_dir / "plots"
@@ -213,26 +218,31 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
     dataset, split or metric is not comparable: the new model replaces it, with a warning, and
     ``best.json`` records what it replaced.
     """
+    from filelock import FileLock
+
     from ..io import atomic_write
 
+    models_dir.mkdir(parents=True, exist_ok=True)
     best_json = models_dir / "best.json"
-    previous = None
-    if best_json.exists():
-        try:
-            old = read_json(best_json)
-            if old.get("metric") == metric and old.get("fingerprint", old.get("dataset_fingerprint")) == fingerprint:
-                previous = float(old["value"])
-            else:
-                console.print(f"[yellow]warning:[/] models/best.pt ({old.get('run_id')}) was measured on another dataset, split "
-                              f"or metric ({old.get('metric')}); replacing it with {run_id}")
-        except (KeyError, ValueError, TypeError, json.JSONDecodeError):
-            previous = None
-    if previous is not None and not improves(metric, value, previous):
-        return False, previous
-    data = model_path.read_bytes()
-    atomic_write(models_dir / "best.pt", lambda p: p.write_bytes(data), suffix=".pt")
-    write_json(best_json, {"run_id": run_id, "metric": metric, "value": value, "previous": previous,
-                           "dataset_fingerprint": fingerprint.split("/")[0], "fingerprint": fingerprint,
-                           "sha256": hashlib.sha256(data).hexdigest(),
-                           "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-    return True, previous
+    # the whole read-compare-write is one critical section: two runs finishing together cannot both "improve"
+    with FileLock(str(models_dir / ".best.lock")):
+        previous = None
+        if best_json.exists():
+            try:
+                old = read_json(best_json)
+                if old.get("metric") == metric and old.get("fingerprint", old.get("dataset_fingerprint")) == fingerprint:
+                    previous = float(old["value"])
+                else:
+                    console.print(tagged("warning", f"models/best.pt ({old.get('run_id')}) was measured on another dataset, split "
+                                                    f"or metric ({old.get('metric')}); replacing it with {run_id}"))
+            except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError):
+                previous = None
+        if previous is not None and not improves(metric, value, previous):
+            return False, previous
+        data = model_path.read_bytes()
+        atomic_write(models_dir / "best.pt", lambda p: p.write_bytes(data), suffix=".pt")
+        write_json(best_json, {"run_id": run_id, "metric": metric, "value": value, "previous": previous,
+                               "dataset_fingerprint": fingerprint.split("/")[0], "fingerprint": fingerprint,
+                               "sha256": hashlib.sha256(data).hexdigest(),
+                               "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        return True, previous

@@ -182,8 +182,9 @@ def log_run_safely(tracker: Tracker, run_dir: str | Path) -> str | None:
     try:
         return tracker.log_run(run_dir)
     except Exception as e:  # noqa: BLE001 - the run itself is complete and on disk
-        from ..progress import console
+        from ..io import one_line
+        from ..progress import console, tagged
 
-        console.print(f"[yellow]warning:[/] tracker {tracker.name!r} could not log {Path(run_dir).name}: "
-                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", highlight=False, soft_wrap=True)
+        console.print(tagged("warning", f"tracker {tracker.name!r} could not log {Path(run_dir).name}: "
+                      f"{one_line(e)}"), highlight=False, soft_wrap=True)
         return None

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..exif import exif_metadata
 from ..geo import haversine_km
-from ..io import ImageError, file_sha256
+from ..io import ImageError, file_sha256, one_line, verify_sidecar
 from ..preprocess import Preprocess
 from ..runtime import cpu_count, ordered_map
 
@@ -171,16 +171,16 @@ class Geolocator:
         if name is None:
             name = str(item) if isinstance(item, (str, Path)) else ("<upload>" if isinstance(item, (bytes, bytearray)) else "<image>")
         pred = Prediction(source=name)
-        if item is None:
-            pred.error = f"{name}: no image given (None)"
+        if not isinstance(item, (str, Path, bytes, bytearray, Image.Image)):
+            pred.error = f"{name}: not an image input (give a path, bytes or a PIL image, not {type(item).__name__})"
             return None, pred
         try:
             array, exif = self.preprocess.load(item, name=given)
         except ImageError as e:
             pred.error = str(e)
             return None, pred
-        except Exception as e:  # noqa: BLE001 - one bad input must never cost the batch
-            pred.error = f"{name}: could not be decoded ({type(e).__name__}: {e})"
+        except Exception as e:  # noqa: BLE001 - whatever one image does (MemoryError included) is that image's error
+            pred.error = f"{name}: cannot be prepared ({one_line(e)})"
             return None, pred
         if truth is not None:
             pred.true_lat, pred.true_lon = truth
@@ -193,11 +193,13 @@ class Geolocator:
     def predict_one(self, item: ImageInput, top_k: int = 5, name: str | None = None,
                     truth: tuple[float, float] | None = None) -> Prediction:
         """One image, decoded and run in the calling thread (what the HTTP server uses per request)."""
+        _check_positive("top_k", top_k)
         return self._run([self._prepare(item, truth, name)], top_k)[0]
 
     def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int) -> Prediction:
-        if not np.all(np.isfinite(probs)):
-            pred.error = f"{pred.source}: the model returned non-finite probabilities (a corrupt model file?)"
+        if not np.isfinite(probs).all():
+            pred.error = (f"{pred.source}: the model gave non-finite probabilities (a corrupted model file?); "
+                          "no prediction")
             return pred
         order = np.argsort(-probs)[:top_k]
         pred.top = [CellPrediction(cell=self.classes[i]["cell"], place=self.classes[i]["place"], probability=float(probs[i]),
@@ -210,7 +212,15 @@ class Geolocator:
 
     def _run(self, buf: list[tuple[np.ndarray | None, Prediction]], top_k: int) -> list[Prediction]:
         arrays = [a for a, _ in buf if a is not None]
-        probs = self.probabilities(np.stack(arrays)) if arrays else None
+        try:
+            probs = self.probabilities(np.stack(arrays)) if arrays else None
+        except Exception as e:  # noqa: BLE001 - one bad input must not sink the batch: run them one by one
+            if len(arrays) > 1:
+                return [p for a, pred in buf for p in (self._run([(a, pred)], top_k) if a is not None else [pred])]
+            for a, pred in buf:
+                if a is not None:
+                    pred.error = f"{pred.source}: inference failed ({one_line(e)})"
+            return [pred for _, pred in buf]
         out, j = [], 0
         for a, pred in buf:
             if a is None:
@@ -228,7 +238,8 @@ class Geolocator:
         sessions run concurrently; PyTorch serialises its forwards), at most ``workers + 1`` batches in
         flight, so memory stays flat for any number of inputs.
         """
-        _check_positive(top_k=top_k, batch_size=batch_size)
+        _check_positive("top_k", top_k)
+        _check_positive("batch_size", batch_size)
         items = iter(images)
         pairs = zip(items, truths if truths is not None else itertools.repeat(None))
 
@@ -244,21 +255,22 @@ class Geolocator:
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32,
                 truths: Sequence[tuple[float, float] | None] | None = None) -> list[Prediction]:
+        """One Prediction per input, in order; an input that cannot be used has ``error`` set instead of raising."""
         if images is None:
-            raise ValueError("predict() needs an image or a list of images, got None")
+            raise ValueError("images is None: give a path, bytes, a PIL image or a list of them")
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
             images = [images]
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size, truths=truths))
 
 
-def _check_positive(**values: int) -> None:
-    for k, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _cached_onnx_engine(model_path: Path, onnx_path: Path, threads: int):
     """The ONNX engine of ``onnx_path`` if it was exported from exactly this model file, else None (no torch)."""
+    verify_sidecar(model_path)  # a model that does not match its promotion record is refused, whatever engine
     if not onnx_path.is_file():
         return None
     from .engines import OnnxEngine

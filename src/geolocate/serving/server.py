@@ -14,19 +14,28 @@ Decoding and inference run in the threadpool (never on the event loop); the
 engine serialises model calls, so the model is shared safely. Uploads over
 ``max_upload_mb`` get 413 (checked from Content-Length before reading, and
 while streaming); non-images get 415, corrupt or truncated images 422.
+
+Hardening: at most ``max_inflight`` uploads are decoded or inferred at once
+and ``max_queued`` more wait for a slot (the next gets 503 with Retry-After); POSTs whose ``Origin`` is not this host
+get 403 (no cross-site form posts); ``allowed_hosts`` answers other ``Host``
+headers with 400; and :func:`server_config` gives uvicorn a header-read
+timeout (slowloris), a keep-alive timeout and a connection limit.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import io
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.middleware.gzip import GZipMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -72,6 +81,7 @@ class HealthOut(BaseModel):
     classes: int
     uptime_s: float
     requests: int
+    in_flight: int = Field(0, description="uploads being processed or waiting for a slot")
 
 
 # ---- geometry -------------------------------------------------------------------
@@ -194,10 +204,50 @@ class BodyLimitMiddleware:
         await JSONResponse({"detail": self.message}, status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+# ---- cross-origin posts -------------------------------------------------------------
+class SameOriginMiddleware:
+    """403 for state-changing requests whose ``Origin`` header names another site than the ``Host`` asked for.
+
+    Browsers send ``Origin`` on every cross-origin POST (forms included); a request without one (curl, scripts)
+    is not a browser acting for another site and passes.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = dict(scope.get("headers") or [])
+            origin = headers.get(b"origin")
+            if origin is not None and not _same_origin(origin.decode("latin-1"), headers.get(b"host", b"").decode("latin-1")):
+                return await JSONResponse({"detail": "cross-origin request refused: post from this server's own page"},
+                                          status_code=403)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:
+        return False
+    return bool(netloc) and netloc.lower() == host.lower()
+
+
 # ---- the app ------------------------------------------------------------------------
-def create_app(geolocator: Geolocator, max_upload_mb: float = 20) -> FastAPI:
-    """The FastAPI app serving ``geolocator`` (shared by all requests)."""
+def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: int = 4, max_queued: int = 16,
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+    """The FastAPI app serving ``geolocator`` (shared by all requests).
+
+    ``max_inflight``: uploads decoded/inferred at once; ``max_queued``: how many more may wait for a slot, beyond
+    which requests get 503 (load shedding: memory stays bounded under any load). ``allowed_hosts``: accepted ``Host`` header
+    names (``*.example.org`` patterns allowed); None accepts any.
+    """
+    if max_inflight < 1 or max_queued < 0:
+        raise ValueError(f"max_inflight must be >= 1 and max_queued >= 0, got {max_inflight} and {max_queued}")
     max_bytes = int(max_upload_mb * MB)
+    admitted = threading.BoundedSemaphore(max_inflight + max_queued)  # taken without waiting: 503 when none is left
+    working = threading.Semaphore(max_inflight)                       # waited for in the worker thread
+    in_flight = {"n": 0}
     too_large = f"upload exceeds the {max_upload_mb:g} MB limit"
     card = geolocator.model_card()
     num_classes = len(geolocator.classes)
@@ -213,9 +263,16 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20) -> FastAPI:
     app.state.geolocator = geolocator
     app.add_middleware(GZipMiddleware, minimum_size=4096)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes + _ENVELOPE_SLACK, message=too_large)
+    app.add_middleware(SameOriginMiddleware)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     def infer(data: bytes, name: str, top_k: int) -> dict:
+        with working:
+            return _infer(data, name, top_k)
+
+    def _infer(data: bytes, name: str, top_k: int) -> dict:
         from PIL import Image, UnidentifiedImageError
 
         t0 = time.perf_counter()
@@ -247,7 +304,7 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20) -> FastAPI:
     @app.get("/health", response_model=HealthOut, summary="Liveness and a few counters")
     def health() -> dict:
         return {"status": "ok", "engine": geolocator.engine_name, "classes": num_classes,
-                "uptime_s": round(time.time() - started, 1), "requests": counter["n"]}
+                "uptime_s": round(time.time() - started, 1), "requests": counter["n"], "in_flight": in_flight["n"]}
 
     @app.get("/model", summary="Model card: backbone, classes, H3 resolution, training data, metrics")
     def model() -> dict:
@@ -263,22 +320,93 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20) -> FastAPI:
         top_k_form: Optional[int] = Form(None, alias="top_k", ge=1, description="the same as a form field"),
     ) -> dict:
         k = top_k or top_k_form or 5
-        data = await file.read(max_bytes + 1)
-        await file.close()
-        if len(data) > max_bytes:
-            raise HTTPException(413, too_large)
-        return await run_in_threadpool(infer, data, file.filename or "upload", min(k, num_classes))
+        if not admitted.acquire(blocking=False):
+            await file.close()
+            raise HTTPException(503, f"busy: {max_inflight} photos are being processed and {max_queued} are waiting; "
+                                     "retry in a moment", headers={"Retry-After": "1"})
+        with counter_lock:
+            in_flight["n"] += 1
+        try:
+            data = await file.read(max_bytes + 1)
+            await file.close()
+            if len(data) > max_bytes:
+                raise HTTPException(413, too_large)
+            return await run_in_threadpool(infer, data, file.filename or "upload", min(k, num_classes))
+        finally:
+            with counter_lock:
+                in_flight["n"] -= 1
+            admitted.release()
 
     return app
 
 
 # ---- running ----------------------------------------------------------------------
+HEADER_TIMEOUT_S = 10.0   # a client gets this long to send a request's line and headers (slowloris)
+KEEP_ALIVE_S = 5          # idle keep-alive connections are closed after this
+MAX_CONNECTIONS = 64      # more concurrent connections or tasks get 503 from uvicorn
+MAX_HEADER_BYTES = 32 * 1024
+
+
+def _header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection whose request line and headers take longer than ``timeout_s``."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout_s, self._header_timeout)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # still no complete request head
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()  # the head arrived; the body is bounded by the upload limit
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()  # the next request on this keep-alive connection gets the same deadline
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11Protocol
+
+
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  header_timeout_s: float = HEADER_TIMEOUT_S, **kw: Any):
+    """The uvicorn Config every server runs with: header-read and keep-alive timeouts, header size and connection limits."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_header_timeout_protocol(header_timeout_s),
+                          timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS,
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, **kw)
+
+
 @contextlib.contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                    header_timeout_s: float = HEADER_TIMEOUT_S) -> Iterator[str]:
     """Run uvicorn for ``app`` in a background thread; yield its base URL (port 0 picks a free one)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off"))
+    server = uvicorn.Server(server_config(app, host, port, log_level, header_timeout_s, access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, name="geolocate-uvicorn", daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -25,11 +25,12 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from ..config import Config
 from ..io import read_json, write_json, write_text
-from .export import file_sha256
+from ..io import file_sha256
 
 MANIFEST = "MANIFEST.sha256"
 SNAPSHOT_FORMAT = "geolocate-snapshot/1"
@@ -168,7 +169,8 @@ def create_snapshot(cfg: Config, name: str | None = None, now: dt.datetime | Non
     if target.exists() or target.is_symlink():
         raise SnapshotError(f"snapshot {target} already exists; snapshots are never overwritten")
 
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-snapshot-", dir=exports_dir))
+    clean_stale_tmp(exports_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=exports_dir))
     try:
         _copy_tree(run_dir, tmp / "runs" / run_id, skip={"checkpoints/last.pt"})
         _copy_tree(index_dir, tmp / "data" / "index")
@@ -214,6 +216,45 @@ def create_snapshot(cfg: Config, name: str | None = None, now: dt.datetime | Non
     return target
 
 
+_TMP_PREFIX = ".tmp-snapshot-"
+STALE_TMP_S = 15 * 60  # a build directory untouched this long belongs to no live export
+
+
+def clean_stale_tmp(exports_dir: Path, now: float | None = None) -> list[Path]:
+    """Remove ``.tmp-snapshot-*`` build directories left by killed exports; return what was removed.
+
+    A directory is stale when the pid in its name (``.tmp-snapshot-<pid>-...``) is not running, or when it has no
+    pid (older versions) and was last modified more than :data:`STALE_TMP_S` seconds ago.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for d in sorted(exports_dir.glob(f"{_TMP_PREFIX}*")):
+        if d.is_symlink() or not d.is_dir():
+            continue
+        pid_text = d.name[len(_TMP_PREFIX):].split("-", 1)[0]
+        try:
+            if pid_text.isdigit() and int(pid_text) != os.getpid():
+                stale = not _pid_alive(int(pid_text))
+            else:
+                stale = pid_text != str(os.getpid()) and now - d.stat().st_mtime > STALE_TMP_S
+        except OSError:
+            continue
+        if stale:
+            _force_rmtree(d)
+            removed.append(d)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def _force_rmtree(path: Path) -> None:
     if not path.exists():
         return
@@ -228,7 +269,11 @@ def read_manifest(path: Path) -> tuple[dict[str, str], list[str]]:
     """({relative path: sha256}, problems) for a MANIFEST.sha256 file."""
     entries: dict[str, str] = {}
     problems: list[str] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        return entries, [f"{MANIFEST} is not UTF-8 text (byte {e.start}): it was damaged or replaced"]
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         m = _LINE_RE.match(line)

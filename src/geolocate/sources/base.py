@@ -166,7 +166,7 @@ def append_records(path: str | Path, records: Iterable[ImageRecord]) -> None:
 def read_record_dicts(path: str | Path) -> Iterator[dict]:
     """Yield each line's fields as stored. A line that is not a JSON record (a writer killed mid-line leaves one,
     possibly followed by later appends) is skipped with one warning naming the file and line."""
-    from ..progress import console
+    from ..progress import console, tagged
 
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -178,8 +178,7 @@ def read_record_dicts(path: str | Path) -> Iterator[dict]:
                 if not isinstance(d, dict):
                     raise ValueError("not an object")
             except ValueError:
-                console.print(f"[yellow]warning:[/] {path}:{lineno}: not a JSON record (torn write?); skipped", highlight=False,
-                              soft_wrap=True)
+                console.print(tagged("warning", f"{path}:{lineno}: not a JSON record (torn write?); skipped"), highlight=False, soft_wrap=True)
                 continue
             yield {k: d.get(k) for k in RECORD_FIELDS}
 

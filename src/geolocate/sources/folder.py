@@ -38,7 +38,7 @@ def scan_folder(root: Path, gap_minutes: float, progress=None) -> SourceResult:
             continue
         meta = read_exif(p)
         if meta["lat"] is None:
-            skipped.append(Skipped(str(p), "no EXIF GPS position"))
+            skipped.append(Skipped(str(p), meta["gps_error"] or "no EXIF GPS position"))
             continue
         rows.append((p, meta))
     # sequences: per folder, split on time gaps

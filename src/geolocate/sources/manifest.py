@@ -1,17 +1,21 @@
 """A CSV or parquet manifest: path, lat, lon[, sequence_id][, view][, id].
 
-Relative paths are resolved against the manifest's folder. Rows sharing a
-``sequence_id`` stay in one split; multi-view rows (``view`` = N/E/S/W, as in
-street-view competitions) share the sequence of their location. Rows with a
-missing file or invalid coordinates are skipped and reported.
+Relative paths are resolved against the manifest's folder (not the working
+directory). Rows sharing a ``sequence_id`` stay in one split; multi-view rows
+(``view`` = N/E/S/W, as in street-view competitions) share the sequence of their
+location. Rows with invalid coordinates, a missing or non-regular file, or a
+file that does not decode as a photo (verified like the folder source does)
+are skipped and reported.
 """
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import polars as pl
 
 from ..geo import valid_latlon
+from ..io import ImageError, check_image, one_line
 from .base import ImageRecord, Skipped, SourceResult, register_source, save_source_records
 from .folder import stable_id
 
@@ -24,11 +28,26 @@ def read_manifest(path: Path) -> pl.DataFrame:
     try:
         df = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=10000)
     except (pl.exceptions.PolarsError, OSError) as e:
-        raise ValueError(f"manifest {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(f"manifest {path}: cannot read it ({one_line(e)})") from None
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}")
     return df
+
+
+def _file_problem(p: Path) -> str | None:
+    """Why ``p`` cannot be recorded as an image (None when it is a regular file that decodes as a photo)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return "file not found"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    try:
+        check_image(p)
+    except ImageError as e:
+        return str(e)
+    return None
 
 
 @register_source("manifest")
@@ -52,8 +71,9 @@ def build_manifest(cfg, out_dir: Path, progress=None) -> SourceResult:
         if not valid_latlon(lat, lon):
             skipped.append(Skipped(str(p), f"invalid coordinates lat={lat} lon={lon}"))
             continue
-        if not p.is_file():
-            skipped.append(Skipped(str(p), "file not found"))
+        problem = _file_problem(p)
+        if problem:
+            skipped.append(Skipped(str(p), problem))
             continue
         view = str(row["view"]) if row.get("view") not in (None, "") else None
         given_id = str(row["id"]) if row.get("id") not in (None, "") else None

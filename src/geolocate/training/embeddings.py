@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..io import ImageError, atomic_write
-from ..progress import console, progress_bar
+from ..progress import console, progress_bar, tagged
 from ..runtime import ordered_map
 
 
@@ -96,7 +96,7 @@ def load_batch(paths: Sequence[str], preprocess) -> tuple[np.ndarray | None, lis
             arrays.append(preprocess.load_array(p))
             ok.append(True)
         except ImageError as e:
-            console.print(f"skipped: {e}", markup=False, highlight=False)
+            console.print(tagged("skipped", e, "red"), highlight=False, soft_wrap=True)
             ok.append(False)
     return (np.stack(arrays) if arrays else None), ok
 

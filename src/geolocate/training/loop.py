@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..geo import haversine_km
-from ..io import atomic_write
+from ..io import atomic_write, one_line
 from ..progress import progress_bar
 from .losses import LOSSES, LossContext, class_weights_from_counts
 
@@ -49,8 +49,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda p: torch.save(state, p), suffix=".pt")
 
 
+CHECKPOINT_KEYS = ("phase", "epoch", "best_km", "best_epoch", "bad_epochs", "history", "best_state",
+                   "model", "optimizer", "scheduler", "torch_rng")
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A full-state checkpoint; any unreadable or incomplete file is a ValueError with one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated, corrupt or foreign file
+        raise ValueError(f"{path}: not a loadable training checkpoint ({one_line(e)}); start a new run instead") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path}: an incomplete training checkpoint (no {', '.join(missing)}); start a new run instead")
+    return state
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -147,11 +162,15 @@ class Trainer:
         if start is not None:
             state["best_km"], state["best_state"] = start
         if resume and resume.get("phase") == phase:
-            module.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
+            try:
+                module.load_state_dict(resume["model"])
+                opt.load_state_dict(resume["optimizer"])
+                sched.load_state_dict(resume["scheduler"])
+                torch.set_rng_state(resume["torch_rng"])
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"{self.ckpt_dir / 'last.pt'}: does not fit this run's model ({one_line(e)}); "
+                                 "start a new run instead") from None
             state.update({k: resume[k] for k in ("epoch", "best_km", "best_epoch", "bad_epochs", "history", "best_state")})
-            torch.set_rng_state(resume["torch_rng"])
         with progress_bar(f"train ({phase})", epochs) as advance:
             advance(state["epoch"])
             for epoch in range(state["epoch"] + 1, epochs + 1):

@@ -170,8 +170,22 @@ function showTable(r) {
   s.hidden = false;
 }
 
+function clearResult() {
+  // nothing of a previous photo's answer may stay on screen next to a new photo or an error
+  state.result = null;
+  $("cells").replaceChildren();
+  $("marks").replaceChildren();
+  $("results").querySelector("tbody").replaceChildren();
+  $("results").hidden = true;
+  $("summary").replaceChildren();
+  $("summary").hidden = true;
+  $("zoom-cells").disabled = true;
+}
+
 async function predict(file) {
   $("error").hidden = true;
+  clearResult();
+  document.body.dataset.state = "busy";
   $("status").textContent = `predicting ${file.name}…`;
   const prev = $("preview");
   if (prev.src) URL.revokeObjectURL(prev.src);
@@ -192,6 +206,8 @@ async function predict(file) {
     $("status").textContent = `${file.name}: ${body.top.length} cells`;
     document.body.dataset.state = "done";
   } catch (e) {
+    clearResult();
+    setView([-180, -90, 360, 180]);
     $("status").textContent = "";
     $("error").textContent = `Could not predict ${file.name}: ${e.message}`;
     $("error").hidden = false;
