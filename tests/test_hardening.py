@@ -73,10 +73,11 @@ class _FailingPreprocess:
     def __init__(self, real):
         self.real, self.size = real, real.size
 
-    def image_to_array(self, im):
-        if max(im.size) > 20 * min(im.size):
-            raise MemoryError("cannot allocate 224 x 13440000 pixels")
-        return self.real.image_to_array(im)
+    def load(self, source, name=None):
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+            if max(im.size) > 20 * min(im.size):
+                raise MemoryError("cannot allocate 224 x 13440000 pixels")
+        return self.real.load(source, name)
 
 
 class _PickyEngine:
