@@ -218,3 +218,42 @@ def test_int8_export_is_gated_on_agreement_and_served(trained_copy, tmp_path):
     pq, pf = q.predict(val[:16]), f.predict(val[:16])
     assert all(a.error is None for a in pq)
     assert np.mean([a.top[0].cell == b.top[0].cell for a, b in zip(pq, pf)]) >= 0.5
+
+
+def test_batching_engine_shares_calls_and_returns_each_callers_rows():
+    from geolocate.serving.batching import BatchingEngine
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.sizes = []
+
+        def probabilities(self, x):
+            self.sizes.append(len(x))
+            if (x == -1).all(axis=(1, 2, 3)).any():
+                raise RuntimeError("bad row")
+            return x.reshape(len(x), -1)[:, :3] * 2
+
+    inner = Counting()
+    eng = BatchingEngine(inner, max_batch=8, max_wait_ms=200, workers=1)
+    xs = [np.full((1, 3, 2, 2), i, np.float32) for i in range(8)]
+    barrier = threading.Barrier(8)
+    out = [None] * 8
+
+    def call(i):
+        barrier.wait()
+        out[i] = eng.probabilities(xs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [o.tolist() for o in out] == [[[2.0 * i] * 3] for i in range(8)]
+    assert len(inner.sizes) < 8 and sum(inner.sizes) == 8  # batched, nothing lost or repeated
+    # a failing input fails only its own caller
+    with pytest.raises(RuntimeError, match="bad row"):
+        eng.probabilities(np.full((1, 3, 2, 2), -1, np.float32))
+    assert eng.probabilities(xs[3]).tolist() == [[6.0] * 3]
+    eng.close()

@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
                                    "default: localhost and 127.0.0.1 on a loopback address, any elsewhere")] = None,
         max_inflight: Annotated[int, typer.Option("--max-inflight", min=1, help="photos processed at once")] = 4,
         max_queued: Annotated[int, typer.Option("--max-queued", min=0, help="photos waiting for a slot; more get 503")] = 16,
+        batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0, help="micro-batching: how long a decoded upload waits for others to share its engine call")] = 2.0,
     ):
         """HTTP API (POST /predict, GET /health, GET /model, docs at /docs) and a web page at /."""
         import uvicorn
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
             err_console.print(tagged("warning", "any Host header is accepted: name this server's with --allowed-host"))
         shown = f"[{host}]" if ":" in host else host
         out_console.print(f"serving {model} ({engine.value}) on http://{shown}:{port}/  (API docs: /docs)", markup=False)
-        app_ = create_app(geo, max_upload_mb=max_upload_mb, max_inflight=max_inflight, max_queued=max_queued,
+        app_ = create_app(geo, max_upload_mb=max_upload_mb, max_inflight=max_inflight, max_queued=max_queued, batch_wait_ms=batch_wait_ms,
                           allowed_hosts=hosts or None)
         uvicorn.Server(server_config(app_, host=host, port=port)).run()
 

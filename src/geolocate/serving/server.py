@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import io
 import threading
@@ -42,6 +43,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..geo import cell_polygon_geojson
+from .batching import BatchingEngine
 from .predictor import Geolocator, Prediction
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -235,16 +237,20 @@ def _same_origin(origin: str, host: str) -> bool:
 
 # ---- the app ------------------------------------------------------------------------
 def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: int = 4, max_queued: int = 16,
-               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, batch_wait_ms: float = 2.0, max_batch: int = 16) -> FastAPI:
     """The FastAPI app serving ``geolocator`` (shared by all requests).
 
     ``max_inflight``: uploads decoded/inferred at once; ``max_queued``: how many more may wait for a slot, beyond
     which requests get 503 (load shedding: memory stays bounded under any load). ``allowed_hosts``: accepted ``Host`` header
-    names (``*.example.org`` patterns allowed); None accepts any.
+    names (``*.example.org`` patterns allowed); None accepts any. Concurrent requests are micro-batched: each is
+    decoded in its own worker thread, then uploads arriving within ``batch_wait_ms`` of each other (at most
+    ``max_batch``) share one engine call (``batch_wait_ms=0`` with ``max_batch=1`` turns this off).
     """
     if max_inflight < 1 or max_queued < 0:
         raise ValueError(f"max_inflight must be >= 1 and max_queued >= 0, got {max_inflight} and {max_queued}")
     max_bytes = int(max_upload_mb * MB)
+    geolocator = copy.copy(geolocator)  # the caller's Geolocator keeps its own engine
+    geolocator.engine = BatchingEngine(geolocator.engine, max_batch=max_batch, max_wait_ms=batch_wait_ms)
     admitted = threading.BoundedSemaphore(max_inflight + max_queued)  # taken without waiting: 503 when none is left
     working = threading.Semaphore(max_inflight)                       # waited for in the worker thread
     in_flight = {"n": 0}
@@ -255,10 +261,16 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
     counter = {"n": 0}
     counter_lock = threading.Lock()
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        geolocator.engine.close()  # the micro-batching threads end with the server
+
     app = FastAPI(
         title="geolocate",
         summary="Predict where a photo was taken: top-k H3 cells with place names and probabilities.",
         version="1",
+        lifespan=lifespan,
     )
     app.state.geolocator = geolocator
     app.add_middleware(GZipMiddleware, minimum_size=4096)

@@ -1,0 +1,84 @@
+"""Micro-batching for the HTTP server: concurrent single-image requests share one engine call.
+
+``BatchingEngine(engine)`` has the engine interface (``probabilities(batch) -> (B, C)``). Each
+caller's rows go into one queue; ``workers`` threads (default: one per core) each take the
+oldest request, gather whatever else arrives within ``max_wait_ms`` (up to ``max_batch`` rows),
+run them as one batch and hand every caller its own rows back. Under load a batch of 8 costs
+far less than 8 batches of 1; an idle server adds at most ``max_wait_ms`` to a request.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from ..runtime import cpu_count
+
+
+class BatchingEngine:
+    def __init__(self, engine, max_batch: int = 16, max_wait_ms: float = 2.0, workers: int | None = None):
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
+        self.engine = engine
+        self.name = getattr(engine, "name", type(engine).__name__)
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.calls = 0  # engine calls made (for /health and tests)
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._loop, name=f"geolocate-batcher-{i}", daemon=True)
+                         for i in range(workers or cpu_count())]
+        for t in self._threads:
+            t.start()
+
+    def probabilities(self, batch) -> np.ndarray:
+        x = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
+        if self._closed:
+            raise RuntimeError("the batching engine is closed")
+        fut: Future = Future()
+        self._queue.put((x, fut))
+        return fut.result()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items, rows = [first], len(first[0])
+            deadline = time.monotonic() + self.max_wait
+            while rows < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=max(left, 0)) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:  # closing: finish this batch, then let the next thread see it too
+                    self._queue.put(None)
+                    break
+                items.append(nxt)
+                rows += len(nxt[0])
+            self._run(items)
+
+    def _run(self, items) -> None:
+        try:
+            out = self.engine.probabilities(np.concatenate([x for x, _ in items]) if len(items) > 1 else items[0][0])
+            self.calls += 1
+        except BaseException as e:  # noqa: BLE001 - every caller of this batch gets the error
+            if len(items) > 1:  # one bad input must not fail its neighbours: run each alone
+                for it in items:
+                    self._run([it])
+                return
+            items[0][1].set_exception(e)
+            return
+        s = 0
+        for x, fut in items:
+            fut.set_result(out[s:s + len(x)])
+            s += len(x)
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
