@@ -1,0 +1,166 @@
+"""PIGEON-style refinement: answer with a training location inside the top-k cells, not a cell's anchor.
+
+A :class:`Gallery` holds the L2-normalised training embeddings (float16), their coordinates and
+classes; it is written beside the model file and pinned by sha256 in the model's metadata. For a
+query with cell probabilities ``p`` and embedding ``q``, every gallery item ``g`` whose class is
+among the query's ``top_k`` cells scores ``log p(class_g) + cos(q, g) / temperature``; the answer is
+the best item's location, or, with ``neighbours > 1``, the softmax-weighted spherical mean of the
+best few. A query with no gallery item in its top cells keeps the top-1 cell's anchor.
+``top_k`` and ``temperature`` are chosen on the validation split (never test) by the experiment.
+"""
+from __future__ import annotations
+
+import dataclasses as dc
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write
+
+FORMAT = "geolocate-gallery/1"
+
+
+class GalleryError(ValueError):
+    """A gallery file that is missing, truncated, altered, or belongs to another model."""
+
+
+@dc.dataclass(frozen=True)
+class RefineParams:
+    top_k: int = 5
+    temperature: float = 0.05
+    neighbours: int = 1
+
+    def to_dict(self) -> dict:
+        return dc.asdict(self)
+
+
+@dc.dataclass
+class Gallery:
+    feats: np.ndarray   # (N, F) float16, rows L2-normalised
+    lat: np.ndarray     # (N,) float64 degrees
+    lon: np.ndarray
+    labels: np.ndarray  # (N,) int32 class index
+    features: str       # the backbone feature space (Backbone.cache_name)
+    num_classes: int
+
+    @classmethod
+    def build(cls, feats: np.ndarray, lat, lon, labels, features: str, num_classes: int) -> "Gallery":
+        f = np.asarray(feats, np.float32)
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        return cls(f.astype(np.float16), np.asarray(lat, np.float64), np.asarray(lon, np.float64),
+                   np.asarray(labels, np.int32), features, int(num_classes))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path: str | Path) -> str:
+        """Write atomically; return the file's sha256 (to pin in the model's metadata)."""
+        def w(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, format=np.asarray(FORMAT), feats=self.feats, lat=self.lat, lon=self.lon, labels=self.labels,
+                         features=np.asarray(self.features), num_classes=np.asarray(self.num_classes))
+
+        atomic_write(path, w, suffix=".npz")
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | Path, sha256: str | None = None, features: str | None = None,
+             num_classes: int | None = None) -> "Gallery":
+        """Load and check it is the gallery the model expects; any problem is one :class:`GalleryError` line."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise GalleryError(f"gallery {path}: cannot be read ({e.strerror or e})") from None
+        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+            raise GalleryError(f"gallery {path}: sha256 does not match the model's record (truncated, altered or another model's)")
+        try:
+            import io
+
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                if str(z["format"]) != FORMAT:
+                    raise GalleryError(f"gallery {path}: format {str(z['format'])!r}, expected {FORMAT}")
+                g = cls(z["feats"], z["lat"], z["lon"], z["labels"], str(z["features"]), int(z["num_classes"]))
+        except GalleryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise GalleryError(f"gallery {path}: not a readable gallery ({type(e).__name__}: {e})") from None
+        if features is not None and g.features != features:
+            raise GalleryError(f"gallery {path}: features of {g.features!r}, but the model uses {features!r}")
+        if num_classes is not None and g.num_classes != num_classes:
+            raise GalleryError(f"gallery {path}: {g.num_classes} classes, but the model has {num_classes}")
+        if not (len(g.feats) == len(g.lat) == len(g.lon) == len(g.labels)) or (len(g.labels) and g.labels.max() >= g.num_classes):
+            raise GalleryError(f"gallery {path}: inconsistent arrays")
+        return g
+
+
+def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params: RefineParams = RefineParams(),
+           anchor_lat: np.ndarray | None = None, anchor_lon: np.ndarray | None = None,
+           max_block_bytes: int = 128 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lat, lon, gallery index or -1 where the anchor of the top-1 cell was kept) per query."""
+    n = len(query_feats)
+    q = np.asarray(query_feats, np.float32)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    g = gallery.feats.astype(np.float32)
+    logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, None))
+    k = max(1, min(params.top_k, probs.shape[1]))
+    top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    out_lat, out_lon = np.full(n, np.nan), np.full(n, np.nan)
+    out_idx = np.full(n, -1, dtype=np.int64)
+    chunk = max(1, max_block_bytes // max(8 * len(gallery), 1))
+    xyz = _to_xyz(gallery.lat, gallery.lon)
+    for s in range(0, n, chunk):
+        sim = q[s:s + chunk] @ g.T                                            # (b, N)
+        allowed = np.zeros((len(sim), gallery.num_classes), dtype=bool)
+        np.put_along_axis(allowed, top[s:s + chunk], True, axis=1)
+        inside = allowed[:, gallery.labels]                                  # (b, N)
+        score = np.where(inside, logp[s:s + chunk][:, gallery.labels] + sim / params.temperature, -np.inf)
+        best = score.argmax(1)
+        ok = np.isfinite(score[np.arange(len(sim)), best])
+        if params.neighbours <= 1:
+            out_lat[s:s + chunk][ok], out_lon[s:s + chunk][ok] = gallery.lat[best[ok]], gallery.lon[best[ok]]
+        else:
+            m = min(params.neighbours, score.shape[1])
+            part = np.argpartition(-score, m - 1, axis=1)[:, :m]
+            sc = np.take_along_axis(score, part, axis=1)
+            w = np.exp(sc - sc.max(1, keepdims=True))
+            w = np.where(np.isfinite(sc), w, 0.0)
+            v = (w[..., None] * xyz[part]).sum(1)
+            la, lo = _to_latlon(v)
+            out_lat[s:s + chunk][ok], out_lon[s:s + chunk][ok] = la[ok], lo[ok]
+        out_idx[s:s + chunk][ok] = best[ok]
+    missing = np.isnan(out_lat)
+    if missing.any():
+        if anchor_lat is None or anchor_lon is None:
+            raise ValueError("some queries have no gallery item in their top cells: give the anchors to fall back to")
+        top1 = probs.argmax(1)
+        out_lat[missing], out_lon[missing] = anchor_lat[top1[missing]], anchor_lon[top1[missing]]
+    return out_lat, out_lon, out_idx
+
+
+def _to_xyz(lat, lon) -> np.ndarray:
+    la, lo = np.radians(lat), np.radians(lon)
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1)
+
+
+def _to_latlon(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    return np.degrees(np.arcsin(np.clip(v[..., 2], -1, 1))), np.degrees(np.arctan2(v[..., 1], v[..., 0]))
+
+
+def choose_params(gallery: Gallery, val_feats, val_probs, val_lat, val_lon, anchor_lat, anchor_lon,
+                  grid_k=(1, 3, 5, 10), grid_t=(0.02, 0.05, 0.1, 0.2), grid_n=(1, 4)) -> tuple[RefineParams, float]:
+    """The parameters with the lowest validation median error (ties: the first in grid order); (params, its km)."""
+    from ..geo import haversine_km
+
+    best: tuple[float, RefineParams] | None = None
+    for k in grid_k:
+        for t in grid_t:
+            for nb in grid_n:
+                p = RefineParams(k, t, nb)
+                la, lo, _ = refine(gallery, val_feats, val_probs, p, anchor_lat, anchor_lon)
+                med = float(np.median(haversine_km(val_lat, val_lon, la, lo)))
+                if best is None or med < best[0] - 1e-9:
+                    best = (med, p)
+    return best[1], best[0]

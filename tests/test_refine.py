@@ -1,0 +1,87 @@
+"""Refinement inside the top cells from a gallery of training embeddings (hand-made cases)."""
+import numpy as np
+import pytest
+
+from geolocate.tasks.refine import Gallery, GalleryError, RefineParams, choose_params, refine
+
+
+def _gallery():
+    # 3 classes; class 0 holds two items, class 1 two, class 2 one
+    feats = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.9, 0.1], [0, 0, 1]], np.float32)
+    lat = np.array([10.0, 11.0, 40.0, 41.0, -30.0])
+    lon = np.array([20.0, 21.0, -70.0, -71.0, 150.0])
+    return Gallery.build(feats, lat, lon, [0, 0, 1, 1, 2], "test-features", 3)
+
+
+def test_refinement_returns_the_gallery_point_that_holds_the_truth():
+    g = _gallery()
+    q = np.array([[0.0, 1.0, 0.0], [0.0, 0.88, 0.12]], np.float32)  # exactly item 2; closest to item 3
+    probs = np.array([[0.2, 0.7, 0.1], [0.2, 0.7, 0.1]])
+    la, lo, idx = refine(g, q, probs, RefineParams(top_k=2, temperature=0.05))
+    assert idx.tolist() == [2, 3]
+    assert (la[0], lo[0]) == (40.0, -70.0) and (la[1], lo[1]) == (41.0, -71.0)
+
+
+def test_refinement_never_leaves_the_top_cells():
+    g = _gallery()
+    q = np.array([[0.0, 0.0, 1.0]], np.float32)  # looks exactly like item 4 (class 2) ...
+    probs = np.array([[0.6, 0.35, 0.05]])        # ... but class 2 is not in the top 2
+    la, lo, idx = refine(g, q, probs, RefineParams(top_k=2, temperature=0.05))
+    assert g.labels[idx[0]] in (0, 1)
+    la, lo, idx = refine(g, q, probs, RefineParams(top_k=3, temperature=0.05))
+    assert idx[0] == 4  # with all 3 cells allowed, similarity wins
+
+
+def test_cells_without_gallery_items_fall_back_to_the_anchor():
+    g = Gallery.build(np.eye(3, dtype=np.float32)[:2], [1.0, 2.0], [3.0, 4.0], [0, 1], "f", 3)
+    probs = np.array([[0.05, 0.05, 0.9]])
+    anchors = (np.array([0.0, 0.0, 55.0]), np.array([0.0, 0.0, 13.0]))
+    la, lo, idx = refine(g, np.ones((1, 3), np.float32), probs, RefineParams(top_k=1), *anchors)
+    assert (la[0], lo[0], idx[0]) == (55.0, 13.0, -1)
+
+
+def test_neighbour_averaging_stays_between_the_neighbours():
+    g = _gallery()
+    q = np.array([[0.95, 0.05, 0.0]], np.float32)
+    la, lo, _ = refine(g, q, np.array([[0.9, 0.05, 0.05]]), RefineParams(top_k=1, temperature=1.0, neighbours=2))
+    assert 10.0 < la[0] < 11.0 and 20.0 < lo[0] < 21.0
+
+
+def test_blocks_give_the_same_answers():
+    rng = np.random.default_rng(0)
+    g = Gallery.build(rng.normal(size=(200, 8)), rng.uniform(-60, 60, 200), rng.uniform(-180, 180, 200),
+                      rng.integers(0, 10, 200), "f", 10)
+    q = rng.normal(size=(50, 8)).astype(np.float32)
+    p = rng.dirichlet(np.ones(10), 50)
+    a = refine(g, q, p, RefineParams(3, 0.1))
+    b = refine(g, q, p, RefineParams(3, 0.1), max_block_bytes=8 * 200 * 7)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_parameters_are_chosen_on_validation():
+    g = _gallery()
+    q = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
+    probs = np.array([[0.5, 0.4, 0.1], [0.4, 0.5, 0.1]])  # the top-1 cell is wrong for both
+    true_lat, true_lon = np.array([40.0, 10.0]), np.array([-70.0, 20.0])
+    anchors = (np.zeros(3), np.zeros(3))
+    params, km = choose_params(g, q, probs, true_lat, true_lon, *anchors, grid_k=(1, 2), grid_t=(0.05,), grid_n=(1,))
+    assert params.top_k == 2 and km == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gallery_round_trip_and_bad_files(tmp_path):
+    g = _gallery()
+    sha = g.save(tmp_path / "g.npz")
+    h = Gallery.load(tmp_path / "g.npz", sha256=sha, features="test-features", num_classes=3)
+    assert h.feats.dtype == np.float16 and np.array_equal(h.labels, g.labels) and np.allclose(h.lat, g.lat)
+    with pytest.raises(GalleryError, match="cannot be read"):
+        Gallery.load(tmp_path / "missing.npz")
+    data = (tmp_path / "g.npz").read_bytes()
+    (tmp_path / "t.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GalleryError, match="sha256 does not match"):
+        Gallery.load(tmp_path / "t.npz", sha256=sha)
+    with pytest.raises(GalleryError, match="not a readable gallery"):
+        Gallery.load(tmp_path / "t.npz")
+    with pytest.raises(GalleryError, match="features of"):
+        Gallery.load(tmp_path / "g.npz", features="other-backbone")
+    with pytest.raises(GalleryError, match="3 classes"):
+        Gallery.load(tmp_path / "g.npz", num_classes=7)
