@@ -57,8 +57,11 @@ def test_onnx_parity_on_real_photos_dynamic_batch(exported, reference):
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     assert inp.name == "image" and isinstance(inp.shape[0], str)  # symbolic (dynamic) batch axis
-    assert [o.name for o in sess.get_outputs()] == ["logits", "probabilities"]
-    probs = sess.run(["probabilities"], {"image": x.numpy()})[0]
+    assert [o.name for o in sess.get_outputs()] == ["logits", "probabilities", "features"]
+    probs, feats = sess.run(["probabilities", "features"], {"image": x.numpy()})
+    model = reference[0]
+    with torch.inference_mode():
+        assert np.abs(feats - model.backbone(x).numpy()).max() <= 1e-3  # the features refinement searches with
     assert probs.shape == ref.shape == (len(PHOTOS), info["labels"]["num_classes"])
     assert np.abs(probs - ref).max() <= 1e-4
     for n in (1, 3):  # other batch sizes through the same file
@@ -74,9 +77,10 @@ def test_torchscript_parity_on_real_photos(exported, reference):
     _, info, x, ref = reference
     ts, ts_info = load_torchscript(ts_path)
     with torch.inference_mode(), torch.jit.optimized_execution(False):  # skip the JIT's profiling passes (slow, not tested here)
-        logits, probs = ts(x)
+        logits, probs, feats = ts(x)
         one = ts(x[:2])[1]
     assert np.abs(probs.numpy() - ref).max() <= 1e-4 and one.shape[0] == 2 and logits.shape == probs.shape
+    assert feats.shape == (len(x), 1280)
     assert np.abs(one.numpy() - ref[:2]).max() <= 1e-4
     assert ts_info["labels"]["classes"] == info["labels"]["classes"]
     with warnings.catch_warnings():

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output file (default: <model>.torchscript.pt)")] = None,
         check: CheckOpt = True, check_images: CheckImagesOpt = None,
     ):
-        """Traced TorchScript file returning (logits, probabilities); load with torch.jit.load."""
+        """Traced TorchScript file returning (logits, probabilities, features); load with torch.jit.load."""
         _run_export("export_torchscript", model, out, check, check_images)
 
     @app.command("export")

@@ -33,13 +33,20 @@ class BatchingEngine:
         for t in self._threads:
             t.start()
 
-    def probabilities(self, batch) -> np.ndarray:
+    @property
+    def has_features(self) -> bool:
+        return bool(getattr(self.engine, "has_features", False))
+
+    def run(self, batch) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
         if self._closed:
             raise RuntimeError("the batching engine is closed")
         fut: Future = Future()
         self._queue.put((x, fut))
         return fut.result()
+
+    def probabilities(self, batch) -> np.ndarray:
+        return self.run(batch)["probabilities"]
 
     def _loop(self) -> None:
         while True:
@@ -63,7 +70,8 @@ class BatchingEngine:
 
     def _run(self, items) -> None:
         try:
-            out = self.engine.probabilities(np.concatenate([x for x, _ in items]) if len(items) > 1 else items[0][0])
+            x = np.concatenate([x for x, _ in items]) if len(items) > 1 else items[0][0]
+            out = self.engine.run(x) if hasattr(self.engine, "run") else {"probabilities": self.engine.probabilities(x)}
             self.calls += 1
         except BaseException as e:  # noqa: BLE001 - every caller of this batch gets the error
             if len(items) > 1:  # one bad input must not fail its neighbours: run each alone
@@ -74,7 +82,7 @@ class BatchingEngine:
             return
         s = 0
         for x, fut in items:
-            fut.set_result(out[s:s + len(x)])
+            fut.set_result({k: v[s:s + len(x)] for k, v in out.items()})
             s += len(x)
 
     def close(self) -> None:

@@ -41,14 +41,23 @@ class OnnxEngine:
         except ValueError:
             self.info = None
         self.input_name = self.session.get_inputs()[0].name
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output_name = "probabilities" if "probabilities" in outputs else outputs[-1]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_name = "probabilities" if "probabilities" in self.output_names else self.output_names[-1]
         self._softmax = self.output_name != "probabilities"
+        self.has_features = "features" in self.output_names
+
+    def run(self, batch) -> dict[str, np.ndarray]:
+        """{"probabilities": (B, C)[, "features": (B, F)]} for a preprocessed batch."""
+        x = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
+        names = [self.output_name] + (["features"] if self.has_features else [])
+        outs = self.session.run(names, {self.input_name: x})
+        out = {"probabilities": softmax(outs[0]) if self._softmax else outs[0]}
+        if self.has_features:
+            out["features"] = outs[1]
+        return out
 
     def probabilities(self, batch) -> np.ndarray:
-        x = batch.numpy() if hasattr(batch, "numpy") else batch
-        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        return softmax(out) if self._softmax else out
+        return self.run(batch)["probabilities"]
 
 
 class TorchEngine:
@@ -63,7 +72,9 @@ class TorchEngine:
         self.threads = threads or cpu_count()
         self._lock = threading.Lock()
 
-    def probabilities(self, batch) -> np.ndarray:
+    has_features = True
+
+    def run(self, batch) -> dict[str, np.ndarray]:
         import torch
 
         x = torch.as_tensor(batch, dtype=torch.float32)
@@ -71,6 +82,10 @@ class TorchEngine:
             before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
             try:
-                return torch.softmax(self.model(x), dim=1).numpy()
+                feats = self.model.backbone(x)
+                return {"probabilities": torch.softmax(self.model.head(feats), dim=1).numpy(), "features": feats.numpy()}
             finally:
                 torch.set_num_threads(before)
+
+    def probabilities(self, batch) -> np.ndarray:
+        return self.run(batch)["probabilities"]

@@ -1,7 +1,7 @@
 """ONNX and TorchScript exports of a model file, and the ONNX Runtime engine.
 
 Both exports wrap the model so that it maps a preprocessed float batch
-``image`` (B, 3, S, S) to ``logits`` and ``probabilities`` (B, C) — the same
+``image`` (B, 3, S, S) to ``logits`` and ``probabilities`` (B, C) and ``features`` (B, F) — the same
 softmax that :meth:`Geolocator.probabilities` returns — with a dynamic batch
 axis. Each file carries the model's info (labels, preprocessing, run metadata)
 and the sha256 of the ``.pt`` it came from, so a stale export next to a newer
@@ -21,10 +21,10 @@ from ..io import atomic_write, file_sha256  # noqa: F401 - file_sha256 re-export
 from ..models.onnx import to_onnx_bytes
 from .engines import OnnxEngine, TorchEngine  # noqa: F401 - re-exported: engines used to live here
 
-ONNX_FORMAT = "geolocate-onnx/1"
+ONNX_FORMAT = "geolocate-onnx/2"  # /2: a third output, the backbone features (for refinement)
 TORCHSCRIPT_FORMAT = "geolocate-torchscript/1"
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "probabilities")
+OUTPUT_NAMES = ("logits", "probabilities", "features")
 PARITY_TOL = 1e-4
 
 
@@ -33,15 +33,16 @@ class ExportError(RuntimeError):
 
 
 class ProbabilityModel(nn.Module):
-    """GeoModel -> (logits, softmax probabilities); what both exports contain."""
+    """GeoModel -> (logits, softmax probabilities, pooled backbone features); what both exports contain."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return logits, torch.softmax(logits, dim=1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = self.model.backbone(x)
+        logits = self.model.head(feats)
+        return logits, torch.softmax(logits, dim=1), feats
 
 
 def _example(info: dict, batch: int = 2) -> torch.Tensor:
@@ -111,7 +112,7 @@ def export_torchscript(model_path: str | Path, out: str | Path | None = None, ch
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
-    """(module returning (logits, probabilities), info dict)."""
+    """(module returning (logits, probabilities, features), info dict)."""
     extra = {"geolocate_info.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; it still works

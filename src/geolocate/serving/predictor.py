@@ -49,6 +49,7 @@ class Prediction:
     true_lon: float | None = None
     error_km: float | None = None
     error: str | None = None
+    point: str | None = None  # "refined": a training location inside the top cells; "cell": the top cell's anchor
 
     def to_dict(self) -> dict:
         return dc.asdict(self)
@@ -80,6 +81,28 @@ class Geolocator:
         self.class_lat = np.array([c["lat"] for c in self.classes])
         self.class_lon = np.array([c["lon"] for c in self.classes])
         self.preprocess = model.preprocess if model is not None else Preprocess.from_dict(info["preprocess"])
+        self.gallery, self.refine_params = self._load_gallery()
+
+    def _load_gallery(self):
+        """The refinement gallery the model was trained with, if it has one; a bad one warns and is not used."""
+        spec = (self.info.get("meta") or {}).get("refine")
+        if not spec or self.path is None or not getattr(self.engine, "has_features", False):
+            return None, None
+        from ..tasks.refine import Gallery, GalleryError, RefineParams, gallery_path
+
+        model_file = self.path
+        while model_file.suffix:  # best.int8.onnx / best.onnx -> best.pt
+            model_file = model_file.with_suffix("")
+        model_file = model_file.with_suffix(".pt")
+        try:
+            g = Gallery.load(gallery_path(model_file), sha256=spec.get("gallery_sha256"), features=spec.get("features"),
+                             num_classes=len(self.classes))
+        except GalleryError as e:
+            from ..progress import console, tagged
+
+            console.print(tagged("warning", f"{e}; answering with cell anchors"), highlight=False, soft_wrap=True)
+            return None, None
+        return g, RefineParams(**spec["params"])
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "models/best.pt", engine: str = "auto",
@@ -196,7 +219,7 @@ class Geolocator:
         _check_positive("top_k", top_k)
         return self._run([self._prepare(item, truth, name)], top_k)[0]
 
-    def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int) -> Prediction:
+    def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int, point: tuple | None = None) -> Prediction:
         if not np.isfinite(probs).all():
             pred.error = (f"{pred.source}: the model gave non-finite probabilities (a corrupted model file?); "
                           "no prediction")
@@ -205,15 +228,27 @@ class Geolocator:
         pred.top = [CellPrediction(cell=self.classes[i]["cell"], place=self.classes[i]["place"], probability=float(probs[i]),
                                    lat=float(self.class_lat[i]), lon=float(self.class_lon[i])) for i in order]
         best = pred.top[0]
-        pred.lat, pred.lon, pred.confidence, pred.place = best.lat, best.lon, best.probability, best.place
+        pred.lat, pred.lon, pred.confidence, pred.place, pred.point = best.lat, best.lon, best.probability, best.place, "cell"
+        if point is not None and point[2] >= 0:
+            pred.lat, pred.lon, pred.point = float(point[0]), float(point[1]), "refined"
+            if self.gallery.places is not None:
+                pred.place = str(self.gallery.places[point[2]])
         if pred.true_lat is not None:
             pred.error_km = float(haversine_km(pred.true_lat, pred.true_lon, pred.lat, pred.lon))
         return pred
 
     def _run(self, buf: list[tuple[np.ndarray | None, Prediction]], top_k: int) -> list[Prediction]:
         arrays = [a for a, _ in buf if a is not None]
+        points = None
         try:
-            probs = self.probabilities(np.stack(arrays)) if arrays else None
+            if not arrays:
+                probs = None
+            elif self.gallery is not None:
+                out = self.engine.run(np.stack(arrays))
+                probs = out["probabilities"]
+                points = self._refine(out["features"], probs)
+            else:
+                probs = self.probabilities(np.stack(arrays))
         except Exception as e:  # noqa: BLE001 - one bad input must not sink the batch: run them one by one
             if len(arrays) > 1:
                 return [p for a, pred in buf for p in (self._run([(a, pred)], top_k) if a is not None else [pred])]
@@ -226,9 +261,16 @@ class Geolocator:
             if a is None:
                 out.append(pred)
             else:
-                out.append(self._finish(pred, probs[j], top_k))
+                out.append(self._finish(pred, probs[j], top_k, None if points is None else points[j]))
                 j += 1
         return out
+
+    def _refine(self, feats: np.ndarray, probs: np.ndarray) -> list[tuple[float, float, int]]:
+        from ..tasks.refine import refine
+
+        safe = np.where(np.isfinite(probs), probs, 0.0)
+        la, lo, idx = refine(self.gallery, np.nan_to_num(feats), safe, self.refine_params, self.class_lat, self.class_lon)
+        return list(zip(la.tolist(), lo.tolist(), idx.tolist()))
 
     def predict_iter(self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32,
                      truths: Sequence[tuple[float, float] | None] | None = None) -> Iterator[Prediction]:
@@ -279,6 +321,6 @@ def _cached_onnx_engine(model_path: Path, onnx_path: Path, threads: int):
         eng = OnnxEngine(onnx_path, threads)
     except ValueError:
         return None  # unreadable or partial: rebuilt by the caller
-    if eng.info is None or eng.metadata.get("source_sha256") != file_sha256(model_path):
-        return None
+    if eng.info is None or not eng.has_features or eng.metadata.get("source_sha256") != file_sha256(model_path):
+        return None  # another model's, or an export from before the features output: rebuilt by the caller
     return eng

@@ -43,13 +43,15 @@ class Gallery:
     labels: np.ndarray  # (N,) int32 class index
     features: str       # the backbone feature space (Backbone.cache_name)
     num_classes: int
+    places: np.ndarray | None = None  # (N,) str: place name of each item ("near Lund, SE"), looked up at build time
 
     @classmethod
-    def build(cls, feats: np.ndarray, lat, lon, labels, features: str, num_classes: int) -> "Gallery":
+    def build(cls, feats: np.ndarray, lat, lon, labels, features: str, num_classes: int, places=None) -> "Gallery":
         f = np.asarray(feats, np.float32)
         f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
         return cls(f.astype(np.float16), np.asarray(lat, np.float64), np.asarray(lon, np.float64),
-                   np.asarray(labels, np.int32), features, int(num_classes))
+                   np.asarray(labels, np.int32), features, int(num_classes),
+                   None if places is None else np.asarray(places, dtype=str))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,8 +60,9 @@ class Gallery:
         """Write atomically; return the file's sha256 (to pin in the model's metadata)."""
         def w(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
+                extra = {} if self.places is None else {"places": self.places}
                 np.savez(fh, format=np.asarray(FORMAT), feats=self.feats, lat=self.lat, lon=self.lon, labels=self.labels,
-                         features=np.asarray(self.features), num_classes=np.asarray(self.num_classes))
+                         features=np.asarray(self.features), num_classes=np.asarray(self.num_classes), **extra)
 
         atomic_write(path, w, suffix=".npz")
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -81,7 +84,8 @@ class Gallery:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 if str(z["format"]) != FORMAT:
                     raise GalleryError(f"gallery {path}: format {str(z['format'])!r}, expected {FORMAT}")
-                g = cls(z["feats"], z["lat"], z["lon"], z["labels"], str(z["features"]), int(z["num_classes"]))
+                g = cls(z["feats"], z["lat"], z["lon"], z["labels"], str(z["features"]), int(z["num_classes"]),
+                        z["places"] if "places" in z.files else None)
         except GalleryError:
             raise
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file
@@ -137,6 +141,11 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
         top1 = probs.argmax(1)
         out_lat[missing], out_lon[missing] = anchor_lat[top1[missing]], anchor_lon[top1[missing]]
     return out_lat, out_lon, out_idx
+
+
+def gallery_path(model_path: str | Path) -> Path:
+    """``models/best.pt`` -> ``models/best.gallery.npz``: where a model's gallery lives."""
+    return Path(model_path).with_suffix(".gallery.npz")
 
 
 def _to_xyz(lat, lon) -> np.ndarray:
