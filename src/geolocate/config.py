@@ -111,7 +111,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 2
     grad_clip: float = 1.0
-    patience: int = 12            # early stopping on val median km
+    monitor: str = "val_median_km"  # validation signal that picks the kept epoch and stops early (direction known per signal)
+    monitor_ema: float = 0.0      # smoothing of the monitor: weight of the past in an EMA (0 = raw)
+    patience: int = 12            # stop after this many epochs without a better (smoothed) monitor...
+    min_epochs: int = 0           # ...but never before this many epochs
     loss: str = "geo"             # "ce" or "geo" (haversine soft targets mixed with CE)
     geo_tau_km: float = 600.0
     geo_mix_ce: float = 0.3       # weight of plain CE inside the geo loss
@@ -121,13 +124,14 @@ class TrainConfig:
     augment: bool = True          # flips during fine-tuning
     embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
+    threads: int = 1              # torch intra-op threads while training (0 = torch's default, the machine's cores)
     device: str = "cpu"
 
 
 @dc.dataclass
 class EvalConfig:
     knn_k: int = 1
-    gate_metric: str = "median_km"  # test metric that decides models/best.pt (direction known per metric)
+    gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
 
 
 @dc.dataclass
@@ -180,6 +184,7 @@ class Config:
 
     def validate(self) -> None:
         from .evaluation.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER
+        from .training.loop import MONITORS  # the signals live with the loop
         from .training.losses import LOSSES  # registry lives with the losses
 
         gates = sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)
@@ -193,6 +198,10 @@ class Config:
             (len(self.index.split_ratios) == 3 and all(r >= 0 for r in self.index.split_ratios) and abs(sum(self.index.split_ratios) - 1) < 1e-6,
              f"index.split_ratios must be three non-negative numbers summing to 1, got {self.index.split_ratios}"),
             (self.train.epochs >= 1 and self.train.batch_size >= 1, "train.epochs and train.batch_size must be >= 1"),
+            (self.train.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}, got {self.train.monitor!r}"),
+            (0 <= self.train.monitor_ema < 1, "train.monitor_ema must be in [0, 1)"),
+            (self.train.patience >= 0 and self.train.min_epochs >= 0, "train.patience and train.min_epochs must be >= 0"),
+            (self.train.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
             (self.train.geo_tau_km > 0, "train.geo_tau_km must be > 0"),
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
