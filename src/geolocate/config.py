@@ -112,9 +112,9 @@ class TrainConfig:
     warmup_epochs: int = 2
     grad_clip: float = 1.0
     monitor: str = "val_median_km"  # validation signal that picks the kept epoch and stops early (direction known per signal)
-    monitor_ema: float = 0.0      # smoothing of the monitor: weight of the past in an EMA (0 = raw)
+    monitor_ema: float = 0.8      # smoothing of the monitor: weight of the past in an EMA (0 = raw); bench/bench_recipe.py
     patience: int = 12            # stop after this many epochs without a better (smoothed) monitor...
-    min_epochs: int = 0           # ...but never before this many epochs
+    min_epochs: int = 30          # ...but never before this many epochs
     loss: str = "geo"             # "ce" or "geo" (haversine soft targets mixed with CE)
     geo_tau_km: float = 600.0
     geo_mix_ce: float = 0.3       # weight of plain CE inside the geo loss
