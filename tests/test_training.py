@@ -272,7 +272,7 @@ def scripted_run(trained, tmp_path_factory):
     dst = tmp_path_factory.mktemp("scripted") / "ws"
     shutil.copytree(Path(cfg.paths.data_dir).parent, dst, symlinks=True)
     shutil.rmtree(dst / "models", ignore_errors=True)  # no earlier best model: this run is promoted
-    cfg = tiny_config(dst, **{"train.epochs": 6, "train.monitor": "val_loss", "train.threads": 1})
+    cfg = tiny_config(dst, **{"train.epochs": 6, "train.monitor": "val_loss", "train.monitor_ema": 0, "train.threads": 1})
     losses, top1 = [3.0, 2.5, 2.4, 2.2, 2.0, 2.1], [0.2, 0.9, 0.3, 0.3, 0.4, 0.4]
     seen: list[int] = []
     real = Trainer.val_metrics
