@@ -249,7 +249,7 @@ def test_early_stopping_directions_smoothing_and_min_epochs():
     late.update({"val_loss": 1.0}), late.update({"val_loss": 2.0}), late.update({"val_loss": 3.0})
     assert late.bad_epochs == 2 and not late.should_stop(3) and late.should_stop(10)
     with pytest.raises(ValueError, match="train.monitor must be one of"):
-        EarlyStopping("test_median_km")
+        EarlyStopping("test_median_km", patience=1)
 
 
 def test_monitor_is_validated():

@@ -44,10 +44,10 @@ class EarlyStopping:
     The signal is ``row[monitor]`` smoothed by an exponential moving average (``ema`` = weight of the past;
     0 = the raw value). The epoch with the best smoothed signal is the one kept; training stops once it has not
     improved for ``patience`` epochs, but never before ``min_epochs`` epochs ran. Its fields are plain values,
-    so ``dc.asdict`` is its checkpoint state.
+    so ``dc.asdict`` is its checkpoint state. The defaults of a run live in ``cfg.train`` (``early_stopping``).
     """
-    monitor: str = "val_median_km"
-    patience: int = 12
+    monitor: str
+    patience: int
     min_epochs: int = 0
     ema: float = 0.0
     smoothed: float | None = None
