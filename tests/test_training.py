@@ -1,11 +1,14 @@
 """Losses, the loop (resume, early stopping), backbones, run artifacts and best-model promotion."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+
+from conftest import REPO, tiny_config
 
 from geolocate.models import create_backbone, list_backbones, load_model
 from geolocate.runs.experiment import promote_best, run_experiment
@@ -83,7 +86,7 @@ def test_training_beats_prior_and_writes_artifacts(trained):
     assert "| median km |" in report and "prior" in report and "kNN" in report
     assert (Path(cfg.paths.runs_dir) / "latest").resolve() == run_dir.resolve()
     best = json.loads((Path(cfg.paths.models_dir) / "best.json").read_text())
-    assert best["run_id"] == run_dir.name and best["value"] == pytest.approx(test["median_km"])
+    assert best["run_id"] == run_dir.name and best["metric"] == "val/median_km" and best["value"] == pytest.approx(val["median_km"])
     # the model file loads with weights_only=True and reproduces the run's test predictions
     ck = torch.load(model_path, weights_only=True)
     assert ck["format"] == "geolocate-model/1" and ck["backbone_state"] is None
@@ -166,3 +169,165 @@ def test_small_cnn_trains_from_scratch(trained_copy):
     assert ck["backbone_state"] is not None  # trained weights travel with the model
     model, _ = load_model(run / "checkpoints" / "model.pt")
     assert model.backbone.name == "small_cnn"
+
+
+# ---- model selection: the kept epoch, early stopping, threads, the gate ---------------------------------
+def trend_km(epoch: int) -> float:
+    """The real quality of the scripted model: improves until epoch 40, then slowly overfits."""
+    return 2600 - 800 * min(epoch, 40) / 40 + 5 * max(epoch - 40, 0)
+
+
+def scripted_curve(epochs: int = 60) -> list[dict]:
+    """A validation curve shaped like the demo's, around ``trend_km``.
+
+    Loss and GeoScore follow the trend with little noise (means over the split); the median km swings ±300 km
+    from epoch to epoch, and epoch 5 is a lucky dip (800 km below the trend) that no epoch beats until epoch 32.
+    """
+    rows = []
+    for e in range(1, epochs + 1):
+        trend, wiggle = trend_km(e), (-1) ** e
+        rows.append({"val_loss": trend / 1000 + 0.002 * wiggle, "val_top1": 0.5 - trend / 10000 + 0.01 * wiggle,
+                     "val_top5": 0.9 - trend / 10000, "val_median_km": trend - 800 if e == 5 else trend + 300 * wiggle,
+                     "val_geoscore": 5000 * np.exp(-trend / 1492.7) + 5 * wiggle})
+    return rows
+
+
+def fit_scripted(monkeypatch, tmp_path, rows: list[dict], **train) -> tuple[dict, dict, torch.nn.Module]:
+    """Train a tiny head whose validation rows are ``rows``; returns (state, weights per epoch, head)."""
+    from geolocate.config import Config
+    from geolocate.models import CellHead
+    from geolocate.training import Split, Trainer
+
+    cfg = Config()
+    cfg.train.epochs = len(rows)
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    g = torch.Generator().manual_seed(0)
+    split = lambda n: Split(labels=torch.randint(0, 4, (n,), generator=g), lat=torch.zeros(n, dtype=torch.float64),
+                            lon=torch.zeros(n, dtype=torch.float64), feats=torch.randn(n, 8, generator=g))
+    head = CellHead(8, 4, 0.0)
+    weights: dict[int, dict] = {}
+    trainer = Trainer(cfg, np.zeros(4), np.arange(4.0), np.ones(4), tmp_path,
+                      on_epoch=lambda row: weights.__setitem__(row["epoch"], {k: v.clone() for k, v in head.state_dict().items()}))
+    script = iter(rows)
+    monkeypatch.setattr(Trainer, "val_metrics", lambda self, logits, s: dict(next(script)))
+    return trainer.fit_head(head, split(64), split(16)), weights, head
+
+
+def test_old_recipe_stops_on_a_lucky_epoch(monkeypatch, tmp_path):
+    """Patience 12 on the raw median km (the recipe before issue 13): the dip at epoch 5 ends training at 17."""
+    state, _, _ = fit_scripted(monkeypatch, tmp_path, scripted_curve(), monitor="val_median_km", monitor_ema=0.0,
+                               patience=12, min_epochs=0)
+    assert state["stopped_early"] and state["stopper"]["best_row"]["epoch"] == 5 and len(state["history"]) == 17
+
+
+def test_default_recipe_keeps_the_best_of_a_noisy_curve(monkeypatch, tmp_path):
+    """The defaults (smoothed median, min epochs) train past the real optimum (epoch 40) and keep an epoch within
+    3% of it, with that epoch's weights; the smoothing alone or the min epochs alone would not."""
+    rows = scripted_curve()
+    state, weights, head = fit_scripted(monkeypatch, tmp_path, rows)
+    kept = state["stopper"]["best_row"]["epoch"]
+    assert len(state["history"]) > 40 and trend_km(kept) <= 1.03 * trend_km(40), (len(state["history"]), kept)
+    assert all(torch.equal(v, weights[kept][k]) for k, v in head.state_dict().items())
+    assert state["stopper"]["best_row"]["val_median_km"] == rows[kept - 1]["val_median_km"]
+    for alone in ({"min_epochs": 0}, {"monitor_ema": 0.0}):
+        state, _, _ = fit_scripted(monkeypatch, tmp_path, rows, **alone)
+        assert trend_km(state["stopper"]["best_row"]["epoch"]) > 1.3 * trend_km(40), alone
+
+
+def test_early_stopping_directions_smoothing_and_min_epochs():
+    from geolocate.training.loop import EarlyStopping
+
+    up = EarlyStopping("val_geoscore", patience=1)  # higher is better
+    assert up.update({"val_geoscore": 100.0}) and up.update({"val_geoscore": 200.0}) and not up.update({"val_geoscore": 150.0})
+    assert up.best == 200.0 and up.should_stop(3)
+    ema = EarlyStopping("val_median_km", patience=1, ema=0.5)
+    ema.update({"val_median_km": 1000.0})
+    assert ema.update({"val_median_km": 600.0}) and ema.best == pytest.approx(800.0)
+    assert not ema.update({"val_median_km": 1400.0}) and ema.smoothed == pytest.approx(1100.0)
+    late = EarlyStopping("val_loss", patience=1, min_epochs=10)
+    late.update({"val_loss": 1.0}), late.update({"val_loss": 2.0}), late.update({"val_loss": 3.0})
+    assert late.bad_epochs == 2 and not late.should_stop(3) and late.should_stop(10)
+    with pytest.raises(ValueError, match="train.monitor must be one of"):
+        EarlyStopping("test_median_km", patience=1)
+
+
+def test_monitor_is_validated():
+    from geolocate.config import Config, ConfigError
+    with pytest.raises(ConfigError, match="train.monitor must be one of"):
+        Config.load(None, ["train.monitor=val_median"])
+    with pytest.raises(ConfigError, match="train.monitor_ema"):
+        Config.load(None, ["train.monitor_ema=1"])
+
+
+@pytest.fixture(scope="module")
+def scripted_run(trained, tmp_path_factory):
+    """(cfg, run_dir, threads seen while training): a 6-epoch run whose validation rows are scripted.
+
+    Top-1 accuracy peaks at epoch 2, the monitor (val_loss) at epoch 5: the summary must report epoch 5's values.
+    """
+    from geolocate.training import Trainer
+
+    cfg, run_dir, _ = trained
+    dst = tmp_path_factory.mktemp("scripted") / "ws"
+    shutil.copytree(Path(cfg.paths.data_dir).parent, dst, symlinks=True)
+    shutil.rmtree(dst / "models", ignore_errors=True)  # no earlier best model: this run is promoted
+    cfg = tiny_config(dst, **{"train.epochs": 6, "train.monitor": "val_loss", "train.monitor_ema": 0, "train.threads": 1})
+    losses, top1 = [3.0, 2.5, 2.4, 2.2, 2.0, 2.1], [0.2, 0.9, 0.3, 0.3, 0.4, 0.4]
+    seen: list[int] = []
+    real = Trainer.val_metrics
+
+    def scripted(self, logits, split):
+        i = len(seen)
+        seen.append(torch.get_num_threads())
+        return {**real(self, logits, split), "val_loss": losses[i], "val_top1": top1[i]}
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "val_metrics", scripted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run = run_experiment(cfg)
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
+        mp.undo()
+    return cfg, run, seen
+
+
+def test_best_val_metrics_are_at_the_selected_epoch(scripted_run):
+    cfg, run, _ = scripted_run
+    s = json.loads((run / "summary.json").read_text())
+    hist = pl.read_csv(run / "metrics.csv")
+    t = s["training"]
+    assert t["best_epoch"] == 5 and t["best_phase"] == "frozen" and t["best_monitor"] == pytest.approx(2.0)
+    at = hist.filter(pl.col("epoch") == 5).row(0, named=True)
+    assert t["best_val_acc"] == pytest.approx(0.4) != max(hist["val_top1"])
+    assert t["best_val_median_km"] == pytest.approx(at["val_median_km"]) and t["best_val_geoscore"] == pytest.approx(at["val_geoscore"])
+    assert t["best_val_loss"] == pytest.approx(2.0) and not t["stopped_early"]
+    assert s["config"]["monitor"] == "val_loss"
+
+
+def test_threads_are_set_for_training_and_recorded(scripted_run):
+    cfg, run, seen = scripted_run
+    assert seen == [1] * 6
+    assert json.loads((run / "summary.json").read_text())["config"]["threads"] == 1
+    assert json.loads((run / "config.json").read_text())["train"]["threads"] == 1
+
+
+def test_promotion_reads_validation(scripted_run):
+    cfg, run, _ = scripted_run
+    s = json.loads((run / "summary.json").read_text())
+    assert s["gate"]["split"] == "val" and s["gate"]["value"] == pytest.approx(s["metrics"]["val"]["median_km"])
+    assert s["gate"]["value"] != pytest.approx(s["metrics"]["test"]["median_km"])
+    best = json.loads((Path(cfg.paths.models_dir) / "best.json").read_text())
+    assert best["run_id"] == run.name and best["metric"] == "val/median_km" and best["value"] == s["gate"]["value"]
+    assert "gate (median_km on val)" in (run / "REPORT.md").read_text()
+
+
+def test_metrics_docstring_names_a_file_in_the_repository():
+    import re
+
+    from geolocate.evaluation import metrics
+    refs = re.findall(r"[\w/]+\.md", metrics.__doc__)
+    assert refs and all((REPO / r).is_file() for r in refs), refs

@@ -115,7 +115,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 2
     grad_clip: float = 1.0
-    patience: int = 12            # early stopping on val median km
+    monitor: str = "val_median_km"  # validation signal that picks the kept epoch and stops early (direction known per signal)
+    monitor_ema: float = 0.8      # smoothing of the monitor: weight of the past in an EMA (0 = raw); bench/bench_recipe.py
+    patience: int = 12            # stop after this many epochs without a better (smoothed) monitor...
+    min_epochs: int = 30          # ...but never before this many epochs
     loss: str = "geo"             # "ce" or "geo" (haversine soft targets mixed with CE)
     geo_tau_km: float = 600.0
     geo_mix_ce: float = 0.3       # weight of plain CE inside the geo loss
@@ -125,13 +128,14 @@ class TrainConfig:
     augment: bool = True          # flips during fine-tuning
     embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
+    threads: int = 1              # torch intra-op threads while training (0 = torch's default, the machine's cores)
     device: str = "cpu"
 
 
 @dc.dataclass
 class EvalConfig:
     knn_k: int = 1
-    gate_metric: str = "median_km"  # test metric that decides models/best.pt (direction known per metric)
+    gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
 
 
 @dc.dataclass
@@ -188,6 +192,7 @@ class Config:
 
     def validate(self) -> None:
         from .evaluation.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER
+        from .training.loop import MONITORS  # the signals live with the loop
         from .training.losses import LOSSES  # registry lives with the losses
 
         gates = sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)
@@ -207,12 +212,15 @@ class Config:
             (math.isfinite(self.train.weight_decay) and self.train.weight_decay >= 0, f"train.weight_decay must be finite and >= 0, got {self.train.weight_decay}"),
             (math.isfinite(self.train.grad_clip) and self.train.grad_clip >= 0, f"train.grad_clip must be finite and >= 0 (0 = off), got {self.train.grad_clip}"),
             (math.isfinite(self.train.finetune_lr_mult) and self.train.finetune_lr_mult > 0, f"train.finetune_lr_mult must be finite and > 0, got {self.train.finetune_lr_mult}"),
-            (min(self.train.patience, self.train.warmup_epochs, self.train.finetune_epochs) >= 0,
-             f"train.patience, train.warmup_epochs and train.finetune_epochs must be >= 0, got {self.train.patience}, "
-             f"{self.train.warmup_epochs}, {self.train.finetune_epochs}"),
+            (min(self.train.patience, self.train.min_epochs, self.train.warmup_epochs, self.train.finetune_epochs) >= 0,
+             f"train.patience, train.min_epochs, train.warmup_epochs and train.finetune_epochs must be >= 0, got "
+             f"{self.train.patience}, {self.train.min_epochs}, {self.train.warmup_epochs}, {self.train.finetune_epochs}"),
             (self.index.min_cell_samples >= 0, f"index.min_cell_samples must be >= 0, got {self.index.min_cell_samples}"),
             (self.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.eval.knn_k}"),
             (math.isfinite(self.train.geo_tau_km) and self.train.geo_tau_km > 0, "train.geo_tau_km must be a finite number > 0"),
+            (self.train.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}, got {self.train.monitor!r}"),
+            (0 <= self.train.monitor_ema < 1, "train.monitor_ema must be in [0, 1)"),
+            (self.train.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),

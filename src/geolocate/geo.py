@@ -1,4 +1,4 @@
-"""Geodesy in one place: haversine distances, H3 cells, place names.
+"""Geodesy in one place: haversine distances, GeoScore, H3 cells, place names.
 
 Convention everywhere in this project: degrees, and (lat, lon) order, except
 where an external format says otherwise (GeoJSON is [lon, lat]).
@@ -14,6 +14,7 @@ import numpy as np
 
 EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
 KM_PER_DEG = np.pi * EARTH_RADIUS_KM / 180.0  # one degree of latitude (of longitude at the equator)
+GEOSCORE_SCALE_KM = 1492.7  # GeoGuessr-style score 5000 * exp(-d / scale)
 
 
 def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
@@ -21,6 +22,12 @@ def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
     lat1, lon1, lat2, lon2 = (np.radians(np.asarray(x, dtype=np.float64)) for x in (lat1, lon1, lat2, lon2))
     a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def geoscore(d_km) -> float:
+    """Mean of 5000 * exp(-d / 1492.7 km) over errors ``d_km`` (0..5000; NaN when empty)."""
+    d = np.asarray(d_km, dtype=np.float64)
+    return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM))) if d.size else float("nan")
 
 
 def pairwise_haversine_km(lat_a, lon_a, lat_b, lon_b) -> np.ndarray:

@@ -40,7 +40,7 @@ def print_summary(run_dir: Path) -> None:
     out_console.print(t)
     g = s["gate"]
     out_console.print(f"run: {run_dir}  (REPORT.md, summary.json, metrics.csv, plots/)", markup=False)
-    out_console.print(f"gate {g['metric']}={g['value']:.1f} km; previous best {g['previous']}; "
+    out_console.print(f"gate {g['split']} {g['metric']}={g['value']:.1f}; previous best {g['previous']}; "
                       + ("promoted to models/best.pt" if g["promoted"] else "models/best.pt kept"))
 
 

@@ -1,30 +1,24 @@
-"""Geolocation metrics (definitions in DESIGN.md).
+"""Geolocation metrics (each key is documented in docs/summary_schema.md, "Metric table").
 
-- distances: haversine, R = 6371.0088 km
+- distances: haversine, R = 6371.0088 km (``geo.haversine_km``)
 - accuracy within r km counts d <= r, for r in 1, 25, 200, 750, 2500
-- GeoScore = mean of 5000 * exp(-d / 1492.7)
+- GeoScore = mean of 5000 * exp(-d / 1492.7) (``geo.geoscore``)
 - top-k accuracy over cell classes
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..geo import haversine_km, place_names
+from ..geo import geoscore, haversine_km, place_names
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)
-GEOSCORE_SCALE_KM = 1492.7
 LOWER_IS_BETTER = frozenset({"mean_km", "median_km", "p90_km", "p95_km"})
 HIGHER_IS_BETTER = frozenset({"top1_acc", "top5_acc", "geoscore", "country_acc", *(f"acc_{r}km" for r in THRESHOLDS_KM)})
 
 
 def improves(metric: str, new: float, old: float) -> bool:
-    """Whether ``new`` is strictly better than ``old`` for this metric."""
-    return new < old if metric in LOWER_IS_BETTER else new > old
-
-
-def geoscore(d_km) -> float:
-    d = np.asarray(d_km, dtype=np.float64)
-    return float(np.mean(5000.0 * np.exp(-d / GEOSCORE_SCALE_KM))) if d.size else float("nan")
+    """Whether ``new`` is strictly better than ``old`` for this metric (which may name its split: ``val/median_km``)."""
+    return new < old if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else new > old
 
 
 def distance_metrics(d_km) -> dict:

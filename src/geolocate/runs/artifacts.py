@@ -3,12 +3,13 @@
 ``summary.json`` schema (``schema_version`` 1) — stable keys, documented in README:
   run_id, created_at, wall_time_s, status
   dataset:   fingerprint, images, cells, h3_resolution, splits{train,val,test}, sources{}
-  config:    backbone, loss, epochs, finetune_epochs, lr, batch_size, geo_tau_km, geo_mix_ce, seed
-  training:  epochs_run, best_epoch, best_val_median_km, best_val_acc, stopped_early
+  config:    backbone, loss, epochs, finetune_epochs, lr, batch_size, geo_tau_km, geo_mix_ce, seed, threads,
+             monitor, monitor_ema, patience, min_epochs
+  training:  epochs_run, best_epoch, best_phase, best_val_{median_km,acc,loss,geoscore}, best_monitor, stopped_early
   metrics:   {val, test} -> top1_acc, top5_acc, n, mean_km, median_km, p90_km, p95_km,
              acc_1km, acc_25km, acc_200km, acc_750km, acc_2500km, geoscore, country_acc
   baselines: {prior, knn} -> {val, test} with the same metric keys
-  gate:      metric, value, previous, promoted
+  gate:      metric, split, value, previous, promoted
   artifacts: {name: bool} for every file the run should hold
 """
 from __future__ import annotations
@@ -147,9 +148,10 @@ def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
         metrics_table({"model": m["val"], "prior": b["prior"]["val"], "kNN": b["knn"]["val"]}),
         "## Training",
         "",
-        f"- epochs run: {summary['training']['epochs_run']}, best epoch: {summary['training']['best_epoch']}, "
-        f"best val median: {summary['training']['best_val_median_km']:.0f} km, early stop: {summary['training']['stopped_early']}",
-        f"- gate ({summary['gate']['metric']} on test): {summary['gate']['value']:.1f}, previous best: {summary['gate']['previous']}, "
+        f"- epochs run: {summary['training']['epochs_run']}, kept epoch (best {summary['config']['monitor']}): "
+        f"{summary['training']['best_epoch']}, val median there: {summary['training']['best_val_median_km']:.0f} km, "
+        f"early stop: {summary['training']['stopped_early']}, threads: {summary['config']['threads']}",
+        f"- gate ({summary['gate']['metric']} on {summary['gate']['split']}): {summary['gate']['value']:.1f}, previous best: {summary['gate']['previous']}, "
         f"promoted to models/best.pt: {summary['gate']['promoted']}",
         "",
         "## Config",

@@ -49,13 +49,19 @@ def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str) -> tuple[Split
 
 
 def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str | None = None) -> Path:
-    """Deterministic kernels for the run; the caller's torch setting is restored afterwards."""
+    """Deterministic kernels and ``train.threads`` intra-op threads (a resumed run: its own config's) for the
+    run; the caller's torch settings are restored afterwards."""
+    threads = Config.from_dict(read_json(Path(resume) / "config.json")).train.threads if resume else cfg.train.threads
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _run_experiment(cfg, resume, tracker)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        torch.set_num_threads(was_threads)
 
 
 def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None) -> Path:
@@ -123,7 +129,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         state = trainer.fit_finetune(model, train, val, lambda m, p, aug, g: image_batch(m.preprocess, p, aug, g),
                                      epochs=finetune_epochs, backbone_lr_mult=cfg.train.finetune_lr_mult if pretrained else 1.0,
                                      resume=resume_state if resume_state and resume_state["phase"] == "finetune" else None,
-                                     history=state.get("history", []), start_best_km=state.get("best_km", float("inf")))
+                                     history=state.get("history", []), start=state.get("stopper"))
         history[:] = state["history"]
         # features of the trained backbone for evaluation and kNN
         feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)", engine=cfg.train.embed_engine)
@@ -174,12 +180,14 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
             "sources": stats.get("sources", {}), "images": stats["images"]}
     save_model(model_path, model, spec, labels, cfg.model.dropout, backbone_trained, meta)
 
-    gate_key = cfg.eval.gate_metric
-    gate_value = float(metrics["test"][gate_key])
+    # the gate reads validation, like the choice of epoch; test is only reported
+    gate_key, gate_split = cfg.eval.gate_metric, "val"
+    gate_value = float(metrics[gate_split][gate_key])
     split_fp = dataset_fingerprint(df["id"].to_list(), df["split"].to_list())
-    promoted, previous = promote_best(Path(cfg.paths.models_dir), model_path, run_id, gate_key, gate_value,
+    promoted, previous = promote_best(Path(cfg.paths.models_dir), model_path, run_id, f"{gate_split}/{gate_key}", gate_value,
                                       f"{stats['fingerprint']}/{split_fp}")
-    best_row = min(history, key=lambda r: r["val_median_km"]) if history else {}
+    stopper = state.get("stopper") or {}
+    best_row = stopper.get("best_row") or {}
     split_counts = {k: int(v) for k, v in df.group_by("split").len().iter_rows()}
     summary = {
         "schema_version": A.SCHEMA_VERSION,
@@ -191,14 +199,17 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                     "splits": split_counts, "sources": stats.get("sources", {})},
         "config": {"backbone": spec, "loss": cfg.train.loss, "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs,
                    "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "geo_tau_km": cfg.train.geo_tau_km,
-                   "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "knn_k": cfg.eval.knn_k,
+                   "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "threads": torch.get_num_threads(),
+                   "monitor": cfg.train.monitor, "monitor_ema": cfg.train.monitor_ema, "patience": cfg.train.patience,
+                   "min_epochs": cfg.train.min_epochs, "knn_k": cfg.eval.knn_k,
                    "h3_resolution": cfg.index.h3_resolution, "min_cell_samples": cfg.index.min_cell_samples},
-        "training": {"epochs_run": len(history), "best_epoch": best_row.get("epoch"), "best_val_median_km": best_row.get("val_median_km"),
-                     "best_val_acc": max((r["val_top1"] for r in history), default=None),
-                     "stopped_early": state.get("bad_epochs", 0) >= cfg.train.patience},
+        "training": {"epochs_run": len(history), "best_epoch": best_row.get("epoch"), "best_phase": best_row.get("phase"),
+                     "best_val_median_km": best_row.get("val_median_km"), "best_val_acc": best_row.get("val_top1"),
+                     "best_val_loss": best_row.get("val_loss"), "best_val_geoscore": best_row.get("val_geoscore"),
+                     "best_monitor": stopper.get("best"), "stopped_early": bool(state.get("stopped_early", False))},
         "metrics": metrics,
         "baselines": baselines,
-        "gate": {"metric": gate_key, "value": gate_value, "previous": previous, "promoted": promoted},
+        "gate": {"metric": gate_key, "split": gate_split, "value": gate_value, "previous": previous, "promoted": promoted},
     }
     A.write_report(run_dir, summary | {"artifacts": {}}, stats)
     summary["artifacts"] = A.artifact_flags(run_dir)

@@ -3,9 +3,10 @@
 Phase ``frozen`` trains the head on cached backbone features (fast on CPU).
 Phase ``finetune`` (``train.finetune_epochs > 0``) unfreezes the backbone and
 trains on images with the backbone at ``lr * finetune_lr_mult``. Both use
-AdamW, linear warmup then cosine decay per step, gradient clipping, early
-stopping on validation median km, and a full-state checkpoint after every
-epoch (``checkpoints/last.pt``) from which ``resume`` continues exactly.
+AdamW, linear warmup then cosine decay per step, gradient clipping, model
+selection and early stopping on one validation signal (``EarlyStopping``),
+and a full-state checkpoint after every epoch (``checkpoints/last.pt``) from
+which ``resume`` continues exactly.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..geo import haversine_km
+from ..geo import geoscore, haversine_km
 from ..io import atomic_write, one_line
 from ..progress import progress_bar
 from .losses import LOSSES, LossContext, class_weights_from_counts
@@ -30,6 +31,54 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# validation signals a run can select its epoch on: name (a key of ``Trainer.val_metrics``) -> higher is better
+MONITORS: dict[str, bool] = {"val_loss": False, "val_median_km": False, "val_geoscore": True, "val_top1": True}
+
+
+@dc.dataclass
+class EarlyStopping:
+    """Which epoch to keep and when to stop, from one validation signal.
+
+    The signal is ``row[monitor]`` smoothed by an exponential moving average (``ema`` = weight of the past;
+    0 = the raw value). The epoch with the best smoothed signal is the one kept; training stops once it has not
+    improved for ``patience`` epochs, but never before ``min_epochs`` epochs ran. Its fields are plain values,
+    so ``dc.asdict`` is its checkpoint state. The defaults of a run live in ``cfg.train`` (``early_stopping``).
+    """
+    monitor: str
+    patience: int
+    min_epochs: int = 0
+    ema: float = 0.0
+    smoothed: float | None = None
+    best: float | None = None
+    best_row: dict | None = None
+    bad_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.monitor not in MONITORS:
+            raise ValueError(f"train.monitor must be one of {sorted(MONITORS)}, got {self.monitor!r}")
+
+    def better(self, new: float, old: float | None) -> bool:
+        return old is None or (new > old + 1e-9 if MONITORS[self.monitor] else new < old - 1e-9)
+
+    def update(self, row: dict) -> bool:
+        """Take one epoch's validation row; True when it is the new best (the weights to keep)."""
+        value = float(row[self.monitor])
+        self.smoothed = value if self.smoothed is None else self.ema * self.smoothed + (1 - self.ema) * value
+        if self.better(self.smoothed, self.best):
+            self.best, self.best_row, self.bad_epochs = self.smoothed, dict(row), 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def should_stop(self, epochs_done: int) -> bool:
+        return self.bad_epochs >= self.patience and epochs_done >= self.min_epochs
+
+
+def early_stopping(tc) -> EarlyStopping:
+    """A fresh ``EarlyStopping`` from ``cfg.train``."""
+    return EarlyStopping(tc.monitor, tc.patience, tc.min_epochs, tc.monitor_ema)
 
 
 @dc.dataclass
@@ -100,6 +149,7 @@ class Trainer:
             "val_top1": float((pred == split.labels).float().mean()),
             "val_top5": float((top5 == split.labels[:, None]).any(1).float().mean()),
             "val_median_km": float(np.median(d)),
+            "val_geoscore": geoscore(d),
         }
 
     # ---- phases ----------------------------------------------------------------
@@ -122,12 +172,12 @@ class Trainer:
     def fit_finetune(self, model: nn.Module, train: Split, val: Split,
                      batch_fn: Callable[[nn.Module, list[str], bool, torch.Generator | None], torch.Tensor],
                      epochs: int, backbone_lr_mult: float, resume: dict | None = None, history: list | None = None,
-                     start_best_km: float = float("inf")) -> dict:
+                     start: dict | None = None) -> dict:
         """Train backbone and head on images.
 
         ``batch_fn(model, paths, augment, generator)`` returns the preprocessed batch. ``history`` continues the
-        frozen phase's; the model as it enters (the frozen best, ``start_best_km``) stays the one to beat, so
-        fine-tuning never ships a worse model than the frozen phase made.
+        frozen phase's; the model as it enters (the frozen phase's ``stopper`` state, ``start``) stays the one to
+        beat, so fine-tuning never ships a worse model than the frozen phase made.
         """
         for p in model.backbone.parameters():
             p.requires_grad_(True)
@@ -148,33 +198,42 @@ class Trainer:
             {"params": model.head.parameters(), "lr": self.tc.lr},
             {"params": model.backbone.parameters(), "lr": self.tc.lr * backbone_lr_mult},
         ], weight_decay=self.tc.weight_decay)
-        start = None
-        if resume is None and start_best_km < float("inf"):
-            start = (start_best_km, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        return self._run("finetune", epochs, model, opt, batches, train, val, evaluate, resume, history, start)
+        beat = None
+        if resume is None and start and start.get("best") is not None:
+            beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return self._run("finetune", epochs, model, opt, batches, train, val, evaluate, resume, history, beat)
 
     def _run(self, phase: str, epochs: int, module: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
-             history: list | None = None, start: tuple[float, dict] | None = None) -> dict:
-        """The epoch loop shared by both phases; ``start`` = (km, state) of a model this phase must beat."""
+             history: list | None = None, start: tuple[dict, dict] | None = None) -> dict:
+        """The epoch loop shared by both phases; ``start`` = (stopper state, weights) of a model this phase must beat.
+
+        Returns the state: ``stopper`` (``EarlyStopping`` fields; ``best_row`` is the history row of the weights
+        loaded back into ``module``), ``stopped_early``, ``history``.
+        """
         steps_per_epoch = max(1, math.ceil(len(train) / self.tc.batch_size))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, self.tc.warmup_epochs * steps_per_epoch))
-        state = {"phase": phase, "epoch": 0, "best_km": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": list(history or []), "best_state": None}
+        stopper = early_stopping(self.tc)
+        state = {"phase": phase, "epoch": 0, "stopped_early": False, "history": list(history or []), "best_state": None}
         if start is not None:
-            state["best_km"], state["best_state"] = start
+            # the model to beat: its best signal and row; patience and smoothing start afresh in this phase
+            stopper.best, stopper.best_row = start[0]["best"], start[0]["best_row"]
+            state["best_state"] = start[1]
         if resume and resume.get("phase") == phase:
             try:
                 module.load_state_dict(resume["model"])
                 opt.load_state_dict(resume["optimizer"])
                 sched.load_state_dict(resume["scheduler"])
+                state.update({k: resume[k] for k in ("epoch", "stopped_early", "history", "best_state")})
+                stopper = EarlyStopping(**resume["stopper"])
                 torch.set_rng_state(resume["torch_rng"])
             except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                raise ValueError(f"{self.ckpt_dir / 'last.pt'}: does not fit this run's model ({one_line(e)}); "
+                raise ValueError(f"{self.ckpt_dir / 'last.pt'}: does not fit this run's model or recipe ({one_line(e)}); "
                                  "start a new run instead") from None
-            state.update({k: resume[k] for k in ("epoch", "best_km", "best_epoch", "bad_epochs", "history", "best_state")})
         with progress_bar(f"train ({phase})", epochs) as advance:
             advance(state["epoch"])
             for epoch in range(state["epoch"] + 1, epochs + 1):
-                if state["bad_epochs"] >= self.tc.patience:
+                if stopper.should_stop(epoch - 1):
+                    state["stopped_early"] = True
                     break
                 t0 = time.time()
                 module.train()
@@ -193,16 +252,14 @@ class Trainer:
                 row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(evaluate(), val),
                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
                 state["history"].append(row)
-                if row["val_median_km"] < state["best_km"] - 1e-9:
-                    state.update(best_km=row["val_median_km"], best_epoch=epoch, bad_epochs=0,
-                                 best_state={k: v.detach().clone() for k, v in module.state_dict().items()})
-                else:
-                    state["bad_epochs"] += 1
-                state["epoch"] = epoch
+                if stopper.update(row):
+                    state["best_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                state.update(epoch=epoch, stopper=dc.asdict(stopper))
                 save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
                                                            "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
                 self.on_epoch(row)
                 advance(1, description=f"train ({phase}) val median {row['val_median_km']:.0f} km")
+        state["stopper"] = dc.asdict(stopper)
         if state["best_state"] is not None:
             module.load_state_dict(state["best_state"])
         return state
