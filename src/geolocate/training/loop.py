@@ -98,7 +98,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda p: torch.save(state, p), suffix=".pt")
 
 
-CHECKPOINT_KEYS = ("phase", "epoch", "best_km", "best_epoch", "bad_epochs", "history", "best_state",
+CHECKPOINT_KEYS = ("phase", "epoch", "stopped_early", "stopper", "history", "best_state",
                    "model", "optimizer", "scheduler", "torch_rng")
 
 
