@@ -85,3 +85,61 @@ def test_gallery_round_trip_and_bad_files(tmp_path):
         Gallery.load(tmp_path / "g.npz", features="other-backbone")
     with pytest.raises(GalleryError, match="3 classes"):
         Gallery.load(tmp_path / "g.npz", num_classes=7)
+
+
+def test_run_refines_on_validation_and_the_predictor_answers_the_same(trained_copy):
+    """The run chooses refinement on val; the shipped predictor (ONNX, from image files) gives the run's test points."""
+    import json
+    from pathlib import Path
+
+    import polars as pl
+
+    from geolocate.index import load_index
+    from geolocate.serving import Geolocator
+    from geolocate.tasks.refine import gallery_path
+
+    cfg, run_dir, model_path = trained_copy
+    s = json.loads((run_dir / "summary.json").read_text())
+    ap = s["answer_point"]
+    assert set(ap["ablation"]["cell_anchor"]) == {"val", "test"}
+    if not ap["refined"]:
+        pytest.skip("refinement did not beat the cell anchors on this tiny validation split")
+    val_ref, val_cell = ap["ablation"]["refined"]["val"]["median_km"], ap["ablation"]["cell_anchor"]["val"]["median_km"]
+    assert val_ref < val_cell and s["metrics"]["val"] == ap["ablation"]["refined"]["val"]
+    assert gallery_path(model_path).is_file()
+    best = Path(cfg.paths.models_dir) / "best.pt"
+    assert gallery_path(best).read_bytes() == gallery_path(model_path).read_bytes()  # promoted together
+    rows = pl.read_parquet(run_dir / "predictions_test.parquet")
+    df, _, _ = load_index(cfg)
+    paths = dict(zip(df["id"].to_list(), df["path"].to_list()))
+    geo = Geolocator.from_pretrained(model_path)
+    preds = geo.predict([paths[i] for i in rows["id"].to_list()])
+    assert all(p.point == "refined" or p.point == "cell" for p in preds)
+    got = np.array([(p.lat, p.lon) for p in preds])
+    want = rows.select("pred_lat", "pred_lon").to_numpy()
+    assert np.mean(np.abs(got - want).max(1) < 1e-3) >= 0.95  # same points (a near-tie may flip under ONNX rounding)
+
+
+def test_a_bad_gallery_warns_and_answers_with_cell_anchors(trained_copy, photos_dir, capsys):
+    import json
+
+    from geolocate.serving import Geolocator
+    from geolocate.tasks.refine import gallery_path
+
+    cfg, run_dir, model_path = trained_copy
+    if not json.loads((run_dir / "summary.json").read_text())["answer_point"]["refined"]:
+        pytest.skip("no gallery in this run")
+    f = sorted(photos_dir.glob("*.jpg"))[0]
+    g = gallery_path(model_path)
+    data = g.read_bytes()
+    for broken in (data[: len(data) // 3], None):
+        if broken is None:
+            g.unlink()
+        else:
+            g.write_bytes(broken)
+        geo = Geolocator.from_pretrained(model_path)
+        assert geo.gallery is None
+        (p,) = geo.predict([f])
+        assert p.point == "cell" and (p.lat, p.lon) == (p.top[0].lat, p.top[0].lon)
+        err = capsys.readouterr().err + capsys.readouterr().out
+        assert "answering with cell anchors" in err

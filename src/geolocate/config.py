@@ -135,6 +135,7 @@ class TrainConfig:
 @dc.dataclass
 class EvalConfig:
     knn_k: int = 1
+    refine: bool = True             # answer with a training location inside the top cells when that wins on validation
     gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
 
 

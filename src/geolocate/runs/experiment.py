@@ -27,6 +27,7 @@ from ..io import read_json, write_json, write_parquet
 from ..models import CellHead, GeoModel, create_backbone, is_pretrained, save_model
 from ..progress import console, tagged
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
+from ..tasks.refine import Gallery, choose_params, gallery_path, refine
 from ..training.augment import image_batch
 from . import artifacts as A
 from .dashboard import write_dashboard
@@ -141,24 +142,35 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     model.eval()
     metrics, baselines = {}, {"prior": {}, "knn": {}}
     test_rows = None
+    split_probs = {}
+    for name, s in (("val", val), ("test", test)):
+        if len(s):
+            with torch.no_grad():
+                split_probs[name] = torch.softmax(head(s.feats), 1).numpy()
+    refiner = choose_refinement(cfg, train, val, split_probs.get("val"), class_lat, class_lon, backbone.cache_name, n_cls)
+    ablation: dict = {"cell_anchor": {}, "refined": {}}
     for name, s in (("val", val), ("test", test)):
         if len(s) == 0:
             continue
-        with torch.no_grad():
-            probs = torch.softmax(head(s.feats), 1).numpy()
+        probs = split_probs[name]
         pred = probs.argmax(1)
         y, la, lo = s.labels.numpy(), s.lat.numpy(), s.lon.numpy()
-        metrics[name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred])
+        pt_lat, pt_lon = class_lat[pred], class_lon[pred]
+        ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
+        if refiner is not None:
+            pt_lat, pt_lon, _ = refine(refiner[0], s.feats.numpy(), probs, refiner[1], class_lat, class_lon)
+            ablation["refined"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
+        metrics[name] = ablation["refined" if refiner is not None else "cell_anchor"][name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
         baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon)
         sc, pla, plo = knn_predict(train.feats.numpy(), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
                                    s.feats.numpy(), n_cls, k=cfg.eval.knn_k)
         baselines["knn"][name] = evaluate(sc, y, la, lo, pla, plo)
         if name == "test":
-            d_model = haversine_km(la, lo, class_lat[pred], class_lon[pred])
+            d_model = haversine_km(la, lo, pt_lat, pt_lon)
             test_rows = pl.DataFrame({
                 "id": df["id"].to_numpy()[mte], "lat": la, "lon": lo, "label": y, "pred_label": pred,
-                "pred_lat": class_lat[pred], "pred_lon": class_lon[pred], "prob": probs.max(1), "error_km": d_model,
+                "pred_lat": pt_lat, "pred_lon": pt_lon, "prob": probs.max(1), "error_km": d_model,
                 "knn_lat": pla, "knn_lon": plo, "knn_error_km": haversine_km(la, lo, pla, plo),
                 "prior_error_km": haversine_km(la, lo, prior_lat, prior_lon),
             })
@@ -178,6 +190,10 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     backbone_trained = finetune_epochs > 0
     meta = {"run_id": run_id, "metrics": {"test": metrics["test"], "val": metrics["val"]}, "dataset_fingerprint": stats["fingerprint"],
             "sources": stats.get("sources", {}), "images": stats["images"]}
+    if refiner is not None:
+        gallery, params, val_km = refiner
+        meta["refine"] = {"params": params.to_dict(), "features": gallery.features, "val_median_km": round(val_km, 3),
+                          "gallery_sha256": gallery.save(gallery_path(model_path)), "gallery_size": len(gallery)}
     save_model(model_path, model, spec, labels, cfg.model.dropout, backbone_trained, meta)
 
     # the gate reads validation, like the choice of epoch; test is only reported
@@ -209,6 +225,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                      "best_monitor": stopper.get("best"), "stopped_early": bool(state.get("stopped_early", False))},
         "metrics": metrics,
         "baselines": baselines,
+        "answer_point": {"refined": refiner is not None, "params": refiner[1].to_dict() if refiner else None,
+                         "ablation": {k: v for k, v in ablation.items() if v}},
         "gate": {"metric": gate_key, "split": gate_split, "value": gate_value, "previous": previous, "promoted": promoted},
     }
     A.write_report(run_dir, summary | {"artifacts": {}}, stats)
@@ -220,6 +238,23 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     log_run_safely(trk, run_dir)
     A.link_latest(runs_dir if not resume else run_dir.parent, run_dir)
     return run_dir
+
+
+def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class_lon, features: str, n_cls: int):
+    """(gallery, params, val median km) when refining inside the top cells beats the cell anchors on validation, else None."""
+    if not cfg.eval.refine or val_probs is None or len(val) == 0:
+        return None
+    from ..geo import place_names
+
+    la, lo = train.lat.numpy(), train.lon.numpy()
+    gallery = Gallery.build(train.feats.numpy(), la, lo, train.labels.numpy(), features, n_cls,
+                            places=[p["label"] for p in place_names(zip(la, lo))])
+    params, val_km = choose_params(gallery, val.feats.numpy(), val_probs, val.lat.numpy(), val.lon.numpy(), class_lat, class_lon)
+    pred = val_probs.argmax(1)
+    cell_km = float(np.median(haversine_km(val.lat.numpy(), val.lon.numpy(), class_lat[pred], class_lon[pred])))
+    console.print(f"answer point on validation: cell anchors {cell_km:,.0f} km, refined in the top {params.top_k} cells "
+                  f"(T={params.temperature}, {params.neighbours} neighbours) {val_km:,.0f} km", markup=False, highlight=False)
+    return (gallery, params, val_km) if val_km < cell_km else None
 
 
 def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, value: float, fingerprint: str) -> tuple[bool, float | None]:
@@ -251,6 +286,12 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
         if previous is not None and not improves(metric, value, previous):
             return False, previous
         data = model_path.read_bytes()
+        gallery = gallery_path(model_path)
+        if gallery.is_file():  # first the gallery best.pt pins by sha256, then best.pt
+            g = gallery.read_bytes()
+            atomic_write(gallery_path(models_dir / "best.pt"), lambda p: p.write_bytes(g), suffix=".npz")
+        else:
+            gallery_path(models_dir / "best.pt").unlink(missing_ok=True)
         atomic_write(models_dir / "best.pt", lambda p: p.write_bytes(data), suffix=".pt")
         write_json(best_json, {"run_id": run_id, "metric": metric, "value": value, "previous": previous,
                                "dataset_fingerprint": fingerprint.split("/")[0], "fingerprint": fingerprint,

@@ -243,7 +243,7 @@ class Geolocator:
         try:
             if not arrays:
                 probs = None
-            elif self.gallery is not None:
+            elif self.gallery is not None and getattr(self.engine, "has_features", False) and hasattr(self.engine, "run"):
                 out = self.engine.run(np.stack(arrays))
                 probs = out["probabilities"]
                 points = self._refine(out["features"], probs)

@@ -63,8 +63,9 @@ class CellOut(BaseModel):
 
 class PredictionOut(BaseModel):
     source: str
-    lat: float = Field(description="predicted latitude: centroid of the top cell")
+    lat: float = Field(description="predicted latitude: a training location inside the top cells (point=refined) or the top cell's anchor")
     lon: float
+    point: Optional[str] = Field(None, description="refined | cell: where lat/lon come from")
     confidence: float
     place: str
     top: list[CellOut]

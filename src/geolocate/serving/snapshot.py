@@ -177,6 +177,10 @@ def create_snapshot(cfg: Config, name: str | None = None, now: dt.datetime | Non
         (tmp / "models").mkdir()
         shutil.copy2(best_pt, tmp / "models" / "best.pt")
         shutil.copy2(best_json, tmp / "models" / "best.json")
+        from ..tasks.refine import gallery_path
+
+        if gallery_path(best_pt).is_file():  # the refinement gallery (its sha256 is pinned inside best.pt)
+            shutil.copy2(gallery_path(best_pt), gallery_path(tmp / "models" / "best.pt"))
         model_sha = file_sha256(tmp / "models" / "best.pt")  # the bytes that ship, even if best.pt is promoted meanwhile
         if best.get("sha256") and best["sha256"] != model_sha:
             raise SnapshotError(f"{best_pt} does not match the sha256 recorded in {best_json}: refusing to snapshot it")
