@@ -131,6 +131,17 @@ def metrics_table(columns: dict[str, dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _answer_point_lines(ap: dict | None) -> list[str]:
+    """REPORT.md section: which point the model answers with, and each choice's metrics (chosen on validation)."""
+    if not ap or not ap.get("ablation"):
+        return []
+    how = (f"a training location refined inside the top {ap['params']['top_k']} cells from the training gallery (temperature "
+           f"{ap['params']['temperature']}, {ap['params']['neighbours']} neighbours), chosen on validation" if ap["refined"]
+           else "the top cell's anchor (refinement did not beat it on validation)")
+    tables = {f"{point} ({split})": m for point, per in ap["ablation"].items() for split, m in per.items()}
+    return ["## Answer point", "", f"The model answers with {how}.", "", metrics_table(tables)]
+
+
 def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
     m, b = summary["metrics"], summary["baselines"]
     cfg = summary["config"]
@@ -146,6 +157,7 @@ def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
         "## Validation split",
         "",
         metrics_table({"model": m["val"], "prior": b["prior"]["val"], "kNN": b["knn"]["val"]}),
+        *_answer_point_lines(summary.get("answer_point")),
         "## Training",
         "",
         f"- epochs run: {summary['training']['epochs_run']}, kept epoch (best {summary['config']['monitor']}): "
