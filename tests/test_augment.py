@@ -249,3 +249,10 @@ def test_augmented_copies_train_only_and_evaluation_is_untouched(trained_copy):
         pred = model.head(torch.from_numpy(plain[mask])).argmax(1).numpy()
     top1 = float((pred == df["label"].to_numpy()[mask]).mean())
     assert abs(top1 - read_json(run / "summary.json")["metrics"]["val"]["top1_acc"]) < 1e-9
+
+
+def test_shipped_configs_load_and_the_benchmark_augments():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo, bench = Config.load(root / "demo.yaml"), Config.load(root / "benchmark.yaml")
+    assert bench.augment.copies >= 1 and bench.source.earth.count >= 10_000 and bench.source.earth.heldout_imagery
+    assert demo.source.earth.count == 6000
