@@ -135,6 +135,8 @@ def test_sources_declare_their_domain():
     assert augment_for(cfg).domain == "aerial" and "rotate" not in augment_for(cfg).ops
     cfg.source.name = "folder"
     assert augment_for(cfg).domain == "street" and "rotate" in augment_for(cfg).ops
+    assert augment_for(cfg, ["folder", "earth"]).domain == "aerial"  # any north-up imagery: no rotations
+    assert augment_for(cfg, {"manifest": 10, "mapillary": 5}).domain == "street"
     cfg.augment.domain = "aerial"
     assert augment_for(cfg).domain == "aerial"
 

@@ -116,7 +116,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     model = GeoModel(backbone, head)
     finetune_epochs = cfg.train.finetune_epochs if pretrained else max(cfg.train.finetune_epochs, cfg.train.epochs)
     state: dict = {}
-    augment = augment_for(cfg)  # training only: copies of the train split's embeddings, fine-tuning batches
+    augment = augment_for(cfg, stats.get("sources", {}))  # training only: copies of the train split's embeddings, fine-tuning batches
     if pretrained and not (resume_state and resume_state["phase"] == "finetune"):
         fit_train = with_augmented_copies(train, backbone, df["id"].to_numpy()[mtr].tolist(), train.paths, cache_dir, augment,
                                           cfg.augment.copies, cfg.train.embed_engine)

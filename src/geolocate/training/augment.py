@@ -3,7 +3,7 @@ and augmented embedding copies of the training split for a frozen backbone. Neve
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -14,11 +14,14 @@ from .embeddings import cached_embeddings
 from .loop import Split
 
 
-def augment_for(cfg) -> Augment:
-    """The run's augmentation: ``cfg.augment`` in the domain of ``cfg.source`` unless the config names one."""
-    from ..sources import source_domain
+def augment_for(cfg, sources: Iterable[str] = ()) -> Augment:
+    """The run's augmentation: ``cfg.augment`` in its own domain, or (``auto``) in the domain of the indexed
+    ``sources`` (default: ``cfg.source.name``): aerial as soon as one of them is, since street-only ops
+    (rotations) would corrupt north-up imagery while aerial ones are safe for photos."""
+    from ..sources.base import SOURCE_DOMAINS
 
-    return Augment.from_config(cfg.augment, source_domain(cfg.source.name))
+    domains = {SOURCE_DOMAINS.get(s, "street") for s in (list(sources) or [cfg.source.name])}
+    return Augment.from_config(cfg.augment, "aerial" if "aerial" in domains else "street")
 
 
 def image_batch(preprocess, paths: list[str], augment: Augment | None, generator: torch.Generator | None = None) -> torch.Tensor:
