@@ -68,10 +68,10 @@ def _scale(im: Image.Image, rng: np.random.Generator, a: "Augment") -> Image.Ima
     return small.resize((w, h), Image.BILINEAR)
 
 
-def _enhance(cls) -> Op:
-    def op(im: Image.Image, rng: np.random.Generator, a: "Augment", _name=cls.__name__.lower()) -> Image.Image:
-        strength = {"brightness": a.brightness, "contrast": a.contrast, "color": a.saturation}[_name]
-        return cls(im).enhance(_factor(rng, strength))
+def _enhance(cls, strength: str) -> Op:
+    """A Pillow enhancer at factor 1 +- the Augment field ``strength``."""
+    def op(im: Image.Image, rng: np.random.Generator, a: "Augment") -> Image.Image:
+        return cls(im).enhance(_factor(rng, getattr(a, strength)))
     return op
 
 
@@ -105,9 +105,9 @@ OPS: dict[str, tuple[Op, tuple[str, ...], Callable[["Augment"], bool]]] = {
     "rotate": (_rotate, ("street",), lambda a: a.rotate_deg > 0),
     "crop": (_crop, DOMAINS, lambda a: a.crop_min < 1),
     "scale": (_scale, DOMAINS, lambda a: a.scale_min < 1),
-    "brightness": (_enhance(ImageEnhance.Brightness), DOMAINS, lambda a: a.brightness > 0),
-    "contrast": (_enhance(ImageEnhance.Contrast), DOMAINS, lambda a: a.contrast > 0),
-    "saturation": (_enhance(ImageEnhance.Color), DOMAINS, lambda a: a.saturation > 0),
+    "brightness": (_enhance(ImageEnhance.Brightness, "brightness"), DOMAINS, lambda a: a.brightness > 0),
+    "contrast": (_enhance(ImageEnhance.Contrast, "contrast"), DOMAINS, lambda a: a.contrast > 0),
+    "saturation": (_enhance(ImageEnhance.Color, "saturation"), DOMAINS, lambda a: a.saturation > 0),
     "hue": (_hue, DOMAINS, lambda a: a.hue > 0),
     "gamma": (_gamma, DOMAINS, lambda a: a.gamma > 0),
     "blur_sharpen": (_blur_or_sharpen, DOMAINS, lambda a: a.blur_sigma > 0 or a.sharpen > 0),
