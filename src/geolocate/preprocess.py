@@ -11,12 +11,15 @@ the server and the export checks, so a model sees the same pixels everywhere:
 4. apply the EXIF orientation to the small square (a square centre crop commutes with
    the 8 EXIF orientations);
 5. one table-lookup pass from uint8 HWC to normalised float32 CHW.
+
+A training-time ``transform`` (``geolocate.augment``) sees the whole decoded image, upright, before step 3:
+it is the only step that differs between training and evaluation.
 """
 from __future__ import annotations
 
 import dataclasses as dc
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -79,21 +82,26 @@ class Preprocess:
         """(3, size, size) float32 for any decoded RGB image (orientation already applied)."""
         return self.to_array(self.fit(im.convert("RGB") if im.mode != "RGB" else im))
 
-    def load(self, source, name: str | None = None) -> tuple[np.ndarray, Image.Exif]:
+    def load(self, source, name: str | None = None,
+             transform: Callable[[Image.Image], Image.Image] | None = None) -> tuple[np.ndarray, Image.Exif]:
         """Decode ``source`` (path, bytes or PIL image) the cheap way; return (array, its EXIF).
 
+        ``transform`` (training only) maps the upright decoded RGB image before it is cropped and resized.
         Raises :class:`geolocate.io.ImageError` naming the file for anything that is not a usable image.
         """
         if isinstance(source, Image.Image):
-            exif = source.getexif()
-            return self.to_array(orient(self.fit(to_rgb(source, transpose=False)), exif.get(_ORIENTATION_TAG))), exif
-        im = decode_image(source, name, draft=(self.size, self.size))
-        exif = image_exif(im)
-        small = self.fit(to_rgb(im, transpose=False))
-        return self.to_array(orient(small, exif.get(_ORIENTATION_TAG))), exif
+            im, exif = source, source.getexif()
+        else:
+            im = decode_image(source, name, draft=(self.size, self.size))
+            exif = image_exif(im)
+        rgb = to_rgb(im, transpose=False)
+        if transform is not None:
+            return self.to_array(self.fit(transform(orient(rgb, exif.get(_ORIENTATION_TAG))))), exif
+        return self.to_array(orient(self.fit(rgb), exif.get(_ORIENTATION_TAG))), exif
 
-    def load_array(self, source, name: str | None = None) -> np.ndarray:
-        return self.load(source, name)[0]
+    def load_array(self, source, name: str | None = None,
+                   transform: Callable[[Image.Image], Image.Image] | None = None) -> np.ndarray:
+        return self.load(source, name, transform)[0]
 
     def __call__(self, images: Sequence[Image.Image]):
         """A torch batch (B, 3, size, size) of decoded PIL images (torch imported only here)."""

@@ -28,7 +28,7 @@ from ..models import CellHead, GeoModel, create_backbone, is_pretrained, save_mo
 from ..progress import console, tagged
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
 from ..tasks.refine import Gallery, choose_params, gallery_path, refine
-from ..training.augment import image_batch
+from ..training.augment import augment_for, image_batch, with_augmented_copies
 from . import artifacts as A
 from .dashboard import write_dashboard
 from .tracking import get_tracker, log_run_safely
@@ -123,11 +123,14 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     model = GeoModel(backbone, head)
     finetune_epochs = cfg.train.finetune_epochs if pretrained else max(cfg.train.finetune_epochs, cfg.train.epochs)
     state: dict = {}
+    augment = augment_for(cfg, stats.get("sources", {}))  # training only: copies of the train split's embeddings, fine-tuning batches
     if pretrained and not (resume_state and resume_state["phase"] == "finetune"):
-        state = trainer.fit_head(head, train, val, resume_state)
+        fit_train = with_augmented_copies(train, backbone, df["id"].to_numpy()[mtr].tolist(), train.paths, cache_dir, augment,
+                                          cfg.augment.copies, cfg.train.embed_engine)
+        state = trainer.fit_head(head, fit_train, val, resume_state)
         history[:] = state["history"]
     if finetune_epochs > 0:
-        state = trainer.fit_finetune(model, train, val, lambda m, p, aug, g: image_batch(m.preprocess, p, aug, g),
+        state = trainer.fit_finetune(model, train, val, lambda m, p, aug, g: image_batch(m.preprocess, p, augment if aug else None, g),
                                      epochs=finetune_epochs, backbone_lr_mult=cfg.train.finetune_lr_mult if pretrained else 1.0,
                                      resume=resume_state if resume_state and resume_state["phase"] == "finetune" else None,
                                      history=state.get("history", []), start=state.get("stopper"))

