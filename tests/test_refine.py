@@ -87,8 +87,34 @@ def test_gallery_round_trip_and_bad_files(tmp_path):
         Gallery.load(tmp_path / "g.npz", num_classes=7)
 
 
-def test_run_refines_on_validation_and_the_predictor_answers_the_same(trained_copy):
-    """The run chooses refinement on val; the shipped predictor (ONNX, from image files) gives the run's test points."""
+@pytest.fixture()
+def refined_run(trained_copy):
+    """(cfg, run_dir, model_path) of a run that ships refinement (eval.refine=always) and became models/best.pt."""
+    import shutil
+    from pathlib import Path
+
+    from geolocate.runs.experiment import run_experiment
+
+    cfg, _, _ = trained_copy
+    shutil.rmtree(Path(cfg.paths.models_dir), ignore_errors=True)
+    cfg.eval.refine = "always"
+    cfg.train.epochs = 8
+    run_dir = run_experiment(cfg)
+    return cfg, run_dir, run_dir / "checkpoints" / "model.pt"
+
+
+def test_auto_refines_only_when_it_wins_on_validation(trained):
+    import json
+
+    _, run_dir, _ = trained
+    ap = json.loads((run_dir / "summary.json").read_text())["answer_point"]
+    assert set(ap["ablation"]["cell_anchor"]) == {"val", "test"} and set(ap["ablation"]["refined"]) == {"val", "test"}
+    wins = ap["ablation"]["refined"]["val"]["median_km"] < ap["ablation"]["cell_anchor"]["val"]["median_km"]
+    assert ap["refined"] == wins
+
+
+def test_run_refines_and_the_predictor_answers_the_same(refined_run):
+    """The shipped predictor (ONNX, from image files) gives the run's own refined test points."""
     import json
     from pathlib import Path
 
@@ -98,14 +124,10 @@ def test_run_refines_on_validation_and_the_predictor_answers_the_same(trained_co
     from geolocate.serving import Geolocator
     from geolocate.tasks.refine import gallery_path
 
-    cfg, run_dir, model_path = trained_copy
+    cfg, run_dir, model_path = refined_run
     s = json.loads((run_dir / "summary.json").read_text())
     ap = s["answer_point"]
-    assert set(ap["ablation"]["cell_anchor"]) == {"val", "test"}
-    if not ap["refined"]:
-        pytest.skip("refinement did not beat the cell anchors on this tiny validation split")
-    val_ref, val_cell = ap["ablation"]["refined"]["val"]["median_km"], ap["ablation"]["cell_anchor"]["val"]["median_km"]
-    assert val_ref < val_cell and s["metrics"]["val"] == ap["ablation"]["refined"]["val"]
+    assert ap["refined"] and s["metrics"]["val"] == ap["ablation"]["refined"]["val"]
     assert gallery_path(model_path).is_file()
     best = Path(cfg.paths.models_dir) / "best.pt"
     assert gallery_path(best).read_bytes() == gallery_path(model_path).read_bytes()  # promoted together
@@ -120,15 +142,11 @@ def test_run_refines_on_validation_and_the_predictor_answers_the_same(trained_co
     assert np.mean(np.abs(got - want).max(1) < 1e-3) >= 0.95  # same points (a near-tie may flip under ONNX rounding)
 
 
-def test_a_bad_gallery_warns_and_answers_with_cell_anchors(trained_copy, photos_dir, capsys):
-    import json
-
+def test_a_bad_gallery_warns_and_answers_with_cell_anchors(refined_run, photos_dir, capsys):
     from geolocate.serving import Geolocator
     from geolocate.tasks.refine import gallery_path
 
-    cfg, run_dir, model_path = trained_copy
-    if not json.loads((run_dir / "summary.json").read_text())["answer_point"]["refined"]:
-        pytest.skip("no gallery in this run")
+    cfg, run_dir, model_path = refined_run
     f = sorted(photos_dir.glob("*.jpg"))[0]
     g = gallery_path(model_path)
     data = g.read_bytes()

@@ -163,7 +163,7 @@ AUGMENT_RANGES: dict[str, tuple[float, float]] = {  # closed ranges of the augme
 @dc.dataclass
 class EvalConfig:
     knn_k: int = 1
-    refine: bool = True             # answer with a training location inside the top cells when that wins on validation
+    refine: str = "auto"            # answer point: "auto" refines inside the top cells when that wins on validation, "always", "off"
     gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
 
 
@@ -247,6 +247,7 @@ class Config:
              f"{self.train.patience}, {self.train.min_epochs}, {self.train.warmup_epochs}, {self.train.finetune_epochs}"),
             (self.index.min_cell_samples >= 0, f"index.min_cell_samples must be >= 0, got {self.index.min_cell_samples}"),
             (self.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.eval.knn_k}"),
+            (self.eval.refine in ("auto", "always", "off"), f"eval.refine must be auto, always or off, got {self.eval.refine!r}"),
             (math.isfinite(self.train.geo_tau_km) and self.train.geo_tau_km > 0, "train.geo_tau_km must be a finite number > 0"),
             (self.train.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}, got {self.train.monitor!r}"),
             (0 <= self.train.monitor_ema < 1, "train.monitor_ema must be in [0, 1)"),

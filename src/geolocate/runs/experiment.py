@@ -150,7 +150,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         if len(s):
             with torch.no_grad():
                 split_probs[name] = torch.softmax(head(s.feats), 1).numpy()
-    refiner = choose_refinement(cfg, train, val, split_probs.get("val"), class_lat, class_lon, backbone.cache_name, n_cls)
+    candidate = choose_refinement(cfg, train, val, split_probs.get("val"), class_lat, class_lon, backbone.cache_name, n_cls)
+    refiner = candidate[:3] if candidate and candidate[3] else None
     ablation: dict = {"cell_anchor": {}, "refined": {}}
     for name, s in (("val", val), ("test", test)):
         if len(s) == 0:
@@ -160,9 +161,11 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         y, la, lo = s.labels.numpy(), s.lat.numpy(), s.lon.numpy()
         pt_lat, pt_lon = class_lat[pred], class_lon[pred]
         ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
-        if refiner is not None:
-            pt_lat, pt_lon, _ = refine(refiner[0], s.feats.numpy(), probs, refiner[1], class_lat, class_lon)
-            ablation["refined"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
+        if candidate is not None:
+            r_lat, r_lon, _ = refine(candidate[0], s.feats.numpy(), probs, candidate[1], class_lat, class_lon)
+            ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon)
+            if refiner is not None:
+                pt_lat, pt_lon = r_lat, r_lon
         metrics[name] = ablation["refined" if refiner is not None else "cell_anchor"][name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
         baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon)
@@ -244,8 +247,10 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
 
 
 def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class_lon, features: str, n_cls: int):
-    """(gallery, params, val median km) when refining inside the top cells beats the cell anchors on validation, else None."""
-    if not cfg.eval.refine or val_probs is None or len(val) == 0:
+    """(gallery, params, val median km, shipped) for refinement inside the top cells, None when ``eval.refine`` is off.
+
+    ``shipped``: refinement beat the cell anchors on validation (``auto``), or ``eval.refine`` is ``always``."""
+    if cfg.eval.refine == "off" or val_probs is None or len(val) == 0:
         return None
     from ..geo import place_names
 
@@ -257,7 +262,7 @@ def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class
     cell_km = float(np.median(haversine_km(val.lat.numpy(), val.lon.numpy(), class_lat[pred], class_lon[pred])))
     console.print(f"answer point on validation: cell anchors {cell_km:,.0f} km, refined in the top {params.top_k} cells "
                   f"(T={params.temperature}, {params.neighbours} neighbours) {val_km:,.0f} km", markup=False, highlight=False)
-    return (gallery, params, val_km) if val_km < cell_km else None
+    return gallery, params, val_km, bool(val_km < cell_km or cfg.eval.refine == "always")
 
 
 def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, value: float, fingerprint: str) -> tuple[bool, float | None]:

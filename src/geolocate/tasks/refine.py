@@ -128,8 +128,8 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
             m = min(params.neighbours, score.shape[1])
             part = np.argpartition(-score, m - 1, axis=1)[:, :m]
             sc = np.take_along_axis(score, part, axis=1)
-            w = np.exp(sc - sc.max(1, keepdims=True))
-            w = np.where(np.isfinite(sc), w, 0.0)
+            mx = sc.max(1, keepdims=True)
+            w = np.where(np.isfinite(sc), np.exp(sc - np.where(np.isfinite(mx), mx, 0.0)), 0.0)
             v = (w[..., None] * xyz[part]).sum(1)
             la, lo = _to_latlon(v)
             out_lat[s:s + chunk][ok], out_lon[s:s + chunk][ok] = la[ok], lo[ok]
