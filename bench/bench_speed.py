@@ -9,7 +9,9 @@ the same work, measured in this process at this time:
 - ``predict CLI end to end``: ``geolocate predict DIR --json`` in a fresh process (start-up,
   model load, decode, inference, printing) vs the LIMIT's time for the same images;
 - ``embedding extraction``: ``embed_paths`` of the frozen backbone (export cached) vs the LIMIT
-  over the backbone-only network.
+  over the backbone-only network;
+- ``index build + split``: the real ``build_index`` + ``make_splits`` on 1M synthetic records vs a plain
+  polars read of the same files (rows/s in the img_per_s columns).
 
 Writes ``bench/results/speed.json``: ``rows`` of ``{"path", "img_per_s", "limit_img_per_s", "ratio"}``.
 
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--index-rows", type=int, default=1_000_000, help="rows for the index row (0: skip it)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     from bench_predict import find_or_train_model, image_files
@@ -139,13 +142,23 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(compare("embedding extraction (embed_paths, frozen backbone)", len(files),
                             lambda: embed_paths(bb, files, onnx_cache=cache), lim_bb))
 
+    # the index: the real build_index + make_splits against a plain polars read of the same records (rows/s)
+    if args.index_rows:
+        from bench_index import real_index, synthetic
+
+        t, _ = real_index(synthetic(args.index_rows), 4, 8, (0.8, 0.15, 0.05))
+        rows.append({"path": f"index build + split ({args.index_rows:,} rows; coverage plot not included)",
+                     "img_per_s": round(args.index_rows / t["index_plus_split"], 1),
+                     "limit_img_per_s": round(args.index_rows / t["polars_read_ndjson"], 1),
+                     "ratio": round(t["polars_read_ndjson"] / t["index_plus_split"], 3)})
+
     result = {
         "benchmark": "speed",
         "what": f"each path vs LIMIT B (cheapest decode + ONNX Runtime, {WORKERS} workers x 1 thread) on the same "
                 f"{len(files)} images in one run; {images_desc}; model: {model_desc}",
         "rows": rows,
         "targets": {"predict (default engine, Geolocator.predict)": 0.8, "predict CLI end to end": 0.6,
-                    "embedding extraction": 0.8},
+                    "embedding extraction": 0.8, "index build + split": 0.5},
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
     write_json(args.out, result)
