@@ -6,8 +6,7 @@
   config:    backbone, loss, epochs, finetune_epochs, lr, batch_size, geo_tau_km, geo_mix_ce, seed, threads,
              monitor, monitor_ema, patience, min_epochs
   training:  epochs_run, best_epoch, best_phase, best_val_{median_km,acc,loss,geoscore}, best_monitor, stopped_early
-  metrics:   {val, test} -> top1_acc, top5_acc, n, mean_km, median_km, p90_km, p95_km,
-             acc_1km, acc_25km, acc_200km, acc_750km, acc_2500km, geoscore, country_acc
+  metrics:   {val, test} -> every metric of the catalogue (``geolocate.catalogue``) that ``in_summary``
   baselines: {prior, knn} -> {val, test} with the same metric keys
   gate:      metric, split, value, previous, promoted
   artifacts: {name: bool} for every file the run should hold
