@@ -356,6 +356,7 @@ def test_runs_list_at_80_columns_shows_whole_values(two_runs, monkeypatch):
     assert max(len(line) for line in lines) <= 80
     table = collect(runs_dir).table
     for row in table.iter_rows(named=True):  # the key numbers of every run are there, whole
-        for col, kind in (("score", "f3"), ("test_median_km", "km"), ("val_median_km", "km"), ("test_top1_acc", "pct")):
+        for col, kind in (("score", "f3"), ("test_median_km", "median_km"), ("val_median_km", "median_km"),
+                          ("test_top1_acc", "top1_acc")):
             assert any(f" {_cell(row[col], kind)} " in line for line in lines), (col, r.stdout)
     assert "columns hidden at 80 columns" in r.stdout and "--json" in r.stdout

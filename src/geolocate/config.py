@@ -221,11 +221,11 @@ class Config:
                     raise ConfigError(f"config key {'.'.join(parts[:i + 1])!r} is a value, not a section")
 
     def validate(self) -> None:
-        from .evaluation.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER
+        from .catalogue import gate_metrics  # a leaf: the metric catalogue
         from .training.loop import MONITORS  # the signals live with the loop
         from .training.losses import LOSSES  # registry lives with the losses
 
-        gates = sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)
+        gates = gate_metrics()
 
         checks = [
             (self.train.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {self.train.loss!r}"),

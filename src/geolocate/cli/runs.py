@@ -9,6 +9,7 @@ import typer
 
 from rich.text import Text
 
+from ..catalogue import find, format_delta, format_value, metric_column
 from ..progress import tagged
 from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
 
@@ -32,9 +33,9 @@ def _fmt(v, kind: str) -> str:
 
 # `runs list` columns in display order, and the order they are dropped in when the terminal is narrow (last first)
 LIST_COLUMNS = [("dataset_group", "data", "s"), ("rank", "#", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),
-                ("val_top1_acc", "val top1", "pct"), ("val_median_km", "val med km", "km"), ("val_p90_km", "val p90 km", "km"),
-                ("test_top1_acc", "test top1", "pct"), ("test_median_km", "test med km", "km"),
-                ("knn_test_median_km", "kNN test med km", "km"), ("missing_artifacts", "miss", "i"), ("epochs_run", "ep", "i")]
+                *(metric_column(c, short=True) for c in ("val_top1_acc", "val_median_km", "val_p90_km", "test_top1_acc",
+                                                         "test_median_km", "knn_test_median_km")),
+                ("missing_artifacts", "miss", "i"), ("epochs_run", "ep", "i")]
 LIST_PRIORITY = ["run_id", "score", "test_median_km", "val_median_km", "rank", "test_top1_acc", "val_top1_acc",
                  "dataset_group", "knn_test_median_km", "val_p90_km", "missing_artifacts", "epochs_run"]
 _RUN_ID_MIN = 24  # a run id folds onto several lines down to this width
@@ -138,10 +139,9 @@ def register(app: typer.Typer) -> None:
         for r in cmp["metrics"]:
             if (split != "all" and r["split"] != split) or (r["predictor"] != "model" and not baselines):
                 continue
-            pct = r["metric"].endswith("_acc") or r["metric"].startswith("acc_")
-            f = (lambda v: "–" if v is None else f"{100 * v:.1f}%") if pct else (lambda v: "–" if v is None else f"{v:,.1f}")
-            d = r["delta"]
-            ds = "–" if d is None else (f"{100 * d:+.1f} pt" if pct else f"{d:+,.1f}")
+            m = find(r["metric"])
+            f = m.fmt if m else (lambda v: format_value(v, "points"))
+            ds = m.fmt_delta(r["delta"]) if m else format_delta(r["delta"], "points")
             colour = {"a": "red", "b": "green"}.get(r["better"] or "", "")
             t.add_row(r["predictor"], r["split"], r["metric"], f(r["a"]), f(r["b"]),
                       f"[{colour}]{ds}[/]" if colour else ds, r["better"].upper() if r["better"] else "=")

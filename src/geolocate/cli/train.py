@@ -27,7 +27,7 @@ def print_summary(run_dir: Path) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..runs.artifacts import METRIC_ROWS, _fmt
+    from ..catalogue import metric, table_metrics
 
     s = json.loads((run_dir / "summary.json").read_text())
     cols = {"model": s["metrics"]["test"], "prior": s["baselines"]["prior"]["test"], "kNN": s["baselines"]["knn"]["test"]}
@@ -35,12 +35,13 @@ def print_summary(run_dir: Path) -> None:
     t.add_column("metric")
     for c in cols:
         t.add_column(c, justify="right")
-    for key, label, kind in METRIC_ROWS:
-        t.add_row(label, *[_fmt(c.get(key), kind) for c in cols.values()])
+    for m in table_metrics():
+        t.add_row(m.label, *[m.fmt(c.get(m.name)) for c in cols.values()])
     out_console.print(t)
     g = s["gate"]
+    gm = metric(g["metric"])
     out_console.print(f"run: {run_dir}  (REPORT.md, summary.json, metrics.csv, plots/)", markup=False)
-    out_console.print(f"gate {g['split']} {g['metric']}={g['value']:.1f}; previous best {g['previous']}; "
+    out_console.print(f"gate {g['split']} {g['metric']}={gm.fmt(g['value'], unit=True)}; previous best {gm.fmt(g['previous'], unit=True)}; "
                       + ("promoted to models/best.pt" if g["promoted"] else "models/best.pt kept"))
 
 

@@ -1,4 +1,5 @@
-"""Geolocation metrics (each key is documented in docs/summary_schema.md, "Metric table").
+"""Geolocation metrics (each key is in the metric catalogue, ``geolocate.catalogue``, and documented in
+docs/summary_schema.md, "Metric table").
 
 - distances: haversine, R = 6371.0088 km (``geo.haversine_km``)
 - accuracy within r km counts d <= r, for r in 1, 25, 200, 750, 2500
@@ -9,16 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..catalogue import THRESHOLDS_KM, better
 from ..geo import geoscore, haversine_km, place_names
 
-THRESHOLDS_KM = (1, 25, 200, 750, 2500)
-LOWER_IS_BETTER = frozenset({"mean_km", "median_km", "p90_km", "p95_km"})
-HIGHER_IS_BETTER = frozenset({"top1_acc", "top5_acc", "geoscore", "country_acc", *(f"acc_{r}km" for r in THRESHOLDS_KM)})
+__all__ = ["THRESHOLDS_KM", "improves", "distance_metrics", "topk_accuracy", "country_accuracy", "evaluate"]
 
 
 def improves(metric: str, new: float, old: float) -> bool:
-    """Whether ``new`` is strictly better than ``old`` for this metric (which may name its split: ``val/median_km``)."""
-    return new < old if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else new > old
+    """Whether ``new`` is strictly better than ``old`` for this metric (which may name its split: ``val/median_km``);
+    the direction comes from the metric catalogue (``geolocate.catalogue``)."""
+    return better(metric, new, old)
 
 
 def distance_metrics(d_km) -> dict:

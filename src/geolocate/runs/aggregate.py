@@ -34,6 +34,7 @@ from typing import Any
 
 import polars as pl
 
+from ..catalogue import direction, find, metric_column
 from ..io import write_parquet, write_text
 from .tracking import flatten as flat_dict
 
@@ -222,9 +223,6 @@ def resolve_run(ref: str | Path, runs_dir: str | Path) -> Path:
     raise FileNotFoundError(f"no run {ref!r} (a folder with summary.json) in {runs_dir} or as a path")
 
 
-LOWER_IS_BETTER = ("mean_km", "median_km", "p90_km", "p95_km")
-
-
 def compare(a: Path, b: Path) -> dict:
     """Metric deltas (b - a) for model and baselines on val/test, and the config diff."""
     sa, sb = read_summary(a), read_summary(b)
@@ -240,9 +238,9 @@ def compare(a: Path, b: Path) -> dict:
                 if va is None and vb is None or key == "n":
                     continue
                 delta = vb - va if va is not None and vb is not None else None
-                better = None
-                if delta is not None and delta != 0:
-                    better = "b" if (delta < 0) == (key in LOWER_IS_BETTER) else "a"
+                m, better = find(key), None
+                if delta is not None and delta != 0 and m is not None and m.direction is not None:
+                    better = "b" if m.better(vb, va) else "a"
                 rows.append({"predictor": who, "split": split, "metric": key, "a": va, "b": vb, "delta": delta, "better": better})
 
     def cfg(run: Path, s: dict) -> dict:
@@ -294,26 +292,21 @@ h1,p{overflow-wrap:anywhere}
 """
 
 SHOWN = [("dataset_group", "dataset", "s"), ("rank", "rank", "i"), ("run_id", "run", "s"), ("score", "score", "f3"),
-         ("val_top1_acc", "val top-1", "pct"), ("val_median_km", "val median km", "km"), ("val_p90_km", "val p90 km", "km"),
-         ("test_top1_acc", "test top-1", "pct"), ("test_median_km", "test median km", "km"), ("test_p90_km", "test p90 km", "km"),
-         ("test_geoscore", "test GeoScore", "f0"), ("knn_test_median_km", "kNN test median km", "km"),
-         ("prior_test_median_km", "prior test median km", "km"), ("missing_artifacts", "missing artifacts", "i"),
+         *map(metric_column, ("val_top1_acc", "val_median_km", "val_p90_km", "test_top1_acc", "test_median_km", "test_p90_km",
+                              "test_geoscore", "knn_test_median_km", "prior_test_median_km")),
+         ("missing_artifacts", "missing artifacts", "i"),
          ("backbone", "backbone", "s"), ("loss", "loss", "s"), ("epochs_run", "epochs", "i"), ("images", "images", "i"),
          ("cells", "cells", "i"), ("created_at", "created", "s")]
 
 
 def _cell(v: Any, kind: str) -> str:
+    """A table value: ``kind`` is a catalogued metric's name, ``f3`` (3 decimals) or anything else (as text)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    if kind == "pct":
-        return f"{100 * v:.1f}%"
-    if kind == "km":
-        return f"{v:,.0f}"
-    if kind == "f3":
-        return f"{v:.3f}"
-    if kind == "f0":
-        return f"{v:,.0f}"
-    return str(v)
+    m = find(kind)
+    if m is not None:
+        return m.fmt(v)
+    return f"{v:.3f}" if kind == "f3" else str(v)
 
 
 def render_aggregate(res: AggregateResult) -> str:
@@ -368,9 +361,9 @@ def render_aggregate(res: AggregateResult) -> str:
         f"<p><code>score = {w['val_top1_acc']:.2f} × val top-1 accuracy + {w['val_p90_km']:.2f} × km(val p90 km) "
         f"+ {w['val_median_km']:.2f} × km(val median km) − {w['missing_artifact']:.2f} × missing artifacts</code></p>"
         "<table><tr><th class=\"l\">criterion</th><th>weight</th><th class=\"l\">direction</th></tr>"
-        f"<tr><td class=\"l\">val top-1 accuracy</td><td>{w['val_top1_acc']:.2f}</td><td class=\"l\">higher is better</td></tr>"
-        f"<tr><td class=\"l\">val p90 error (km, log)</td><td>{w['val_p90_km']:.2f}</td><td class=\"l\">lower is better</td></tr>"
-        f"<tr><td class=\"l\">val median error (km, log)</td><td>{w['val_median_km']:.2f}</td><td class=\"l\">lower is better</td></tr>"
+        f"<tr><td class=\"l\">val top-1 accuracy</td><td>{w['val_top1_acc']:.2f}</td><td class=\"l\">{direction('top1_acc')} is better</td></tr>"
+        f"<tr><td class=\"l\">val p90 error (km, log)</td><td>{w['val_p90_km']:.2f}</td><td class=\"l\">{direction('p90_km')} is better</td></tr>"
+        f"<tr><td class=\"l\">val median error (km, log)</td><td>{w['val_median_km']:.2f}</td><td class=\"l\">{direction('median_km')} is better</td></tr>"
         f"<tr><td class=\"l\">each missing artifact</td><td>−{w['missing_artifact']:.2f}</td><td class=\"l\">penalty</td></tr></table>"
         "<p>Missing metrics count as their worst value. Files: <a href=\"runs_summary.csv\">runs_summary.csv</a>, "
         "<a href=\"runs_summary.parquet\">runs_summary.parquet</a>.</p></section>")

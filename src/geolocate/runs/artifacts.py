@@ -6,8 +6,7 @@
   config:    backbone, loss, epochs, finetune_epochs, lr, batch_size, geo_tau_km, geo_mix_ce, seed, threads,
              monitor, monitor_ema, patience, min_epochs
   training:  epochs_run, best_epoch, best_phase, best_val_{median_km,acc,loss,geoscore}, best_monitor, stopped_early
-  metrics:   {val, test} -> top1_acc, top5_acc, n, mean_km, median_km, p90_km, p95_km,
-             acc_1km, acc_25km, acc_200km, acc_750km, acc_2500km, geoscore, country_acc
+  metrics:   {val, test} -> every metric of the catalogue (``geolocate.catalogue``) that ``in_summary``
   baselines: {prior, knn} -> {val, test} with the same metric keys
   gate:      metric, split, value, previous, promoted
   artifacts: {name: bool} for every file the run should hold
@@ -21,16 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..catalogue import THRESHOLDS_KM, metric, table_metrics
 from ..io import save_figure, write_json, write_text
 
 SCHEMA_VERSION = 1
-METRIC_ROWS = [
-    ("top1_acc", "top-1 acc", "pct"), ("top5_acc", "top-5 acc", "pct"), ("median_km", "median km", "km"),
-    ("mean_km", "mean km", "km"), ("p90_km", "p90 km", "km"), ("p95_km", "p95 km", "km"),
-    ("acc_1km", "≤1 km", "pct"), ("acc_25km", "≤25 km", "pct"), ("acc_200km", "≤200 km", "pct"),
-    ("acc_750km", "≤750 km", "pct"), ("acc_2500km", "≤2500 km", "pct"), ("geoscore", "GeoScore", "num"),
-    ("country_acc", "country acc", "pct"),
-]
 PLOTS = ["loss.png", "val_accuracy.png", "geo_error_cdf.png", "confusion_matrix.png"]
 
 
@@ -66,11 +59,11 @@ def plot_history(history: list[dict], plots: Path) -> None:
     ax.set_title("Loss")
     save_figure(fig, plots / "loss.png")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [r["val_top1"] for r in history], label="val top-1")
-    ax.plot(x, [r["val_top5"] for r in history], label="val top-5")
+    ax.plot(x, [r["val_top1"] for r in history], label=f"val {metric('top1_acc').label}")
+    ax.plot(x, [r["val_top5"] for r in history], label=f"val {metric('top5_acc').label}")
     ax2 = ax.twinx()
-    ax2.plot(x, [r["val_median_km"] for r in history], color="grey", ls="--", label="val median km")
-    ax2.set_ylabel("median km")
+    ax2.plot(x, [r["val_median_km"] for r in history], color="grey", ls="--", label=f"val {metric('median_km').label}")
+    ax2.set_ylabel(metric("median_km").label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left")
@@ -84,7 +77,7 @@ def plot_cdf(dists: dict[str, np.ndarray], path: Path) -> None:
     for name, d in dists.items():
         d = np.sort(np.maximum(np.asarray(d), 0.1))
         ax.plot(d, np.arange(1, len(d) + 1) / max(len(d), 1), label=name)
-    for r in (1, 25, 200, 750, 2500):
+    for r in THRESHOLDS_KM:
         ax.axvline(r, color="#ccc", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("error (km)")
@@ -115,19 +108,13 @@ def plot_confusion(true: np.ndarray, pred: np.ndarray, names: list[str], path: P
     save_figure(fig, path)
 
 
-def _fmt(v, kind: str) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    return f"{100 * v:.1f}%" if kind == "pct" else (f"{v:,.0f}" if kind == "km" and v >= 100 else f"{v:,.1f}")
-
-
 def metrics_table(columns: dict[str, dict]) -> str:
     """Markdown table: one row per metric, one column per predictor."""
     head = "| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
     rows = []
-    for key, label, kind in METRIC_ROWS:
-        if any(key in c for c in columns.values()):
-            rows.append(f"| {label} | " + " | ".join(_fmt(c.get(key), kind) for c in columns.values()) + " |")
+    for m in table_metrics():
+        if any(m.name in c for c in columns.values()):
+            rows.append(f"| {m.label} | " + " | ".join(m.fmt(c.get(m.name)) for c in columns.values()) + " |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -143,8 +130,8 @@ def _answer_point_lines(ap: dict | None) -> list[str]:
 
 
 def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
-    m, b = summary["metrics"], summary["baselines"]
-    cfg = summary["config"]
+    m, b, gate = summary["metrics"], summary["baselines"], summary["gate"]
+    cfg, gm = summary["config"], metric(summary["gate"]["metric"])
     lines = [
         f"# Run {summary['run_id']}",
         "",
@@ -161,10 +148,10 @@ def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
         "## Training",
         "",
         f"- epochs run: {summary['training']['epochs_run']}, kept epoch (best {summary['config']['monitor']}): "
-        f"{summary['training']['best_epoch']}, val median there: {summary['training']['best_val_median_km']:.0f} km, "
+        f"{summary['training']['best_epoch']}, val median there: {metric('median_km').fmt(summary['training']['best_val_median_km'], unit=True)}, "
         f"early stop: {summary['training']['stopped_early']}, threads: {summary['config']['threads']}",
-        f"- gate ({summary['gate']['metric']} on {summary['gate']['split']}): {summary['gate']['value']:.1f}, previous best: {summary['gate']['previous']}, "
-        f"promoted to models/best.pt: {summary['gate']['promoted']}",
+        f"- gate ({gate['metric']} on {gate['split']}): {gm.fmt(gate['value'], unit=True)}, previous best: {gm.fmt(gate['previous'], unit=True)}, "
+        f"promoted to models/best.pt: {gate['promoted']}",
         "",
         "## Config",
         "",

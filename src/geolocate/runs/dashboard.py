@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from ..catalogue import find, metric, table_metrics
 from ..io import save_figure, write_text
-from .artifacts import METRIC_ROWS, PLOTS, _fmt
+from .artifacts import PLOTS
 
 ERROR_MAP = "error_map.png"
+CARD_METRICS = ("top1_acc", "top5_acc", "median_km", "p90_km", "geoscore", "acc_750km")  # the key-metric cards, in order
 DASHBOARD = "dashboard.html"
 PLOT_TITLES = {
     "loss.png": "Loss per epoch",
@@ -144,9 +146,7 @@ def render_dashboard(run_dir: Path, summary: dict) -> str:
     ]
     # key numbers
     cards = [
-        ("test top-1", _fmt(test.get("top1_acc"), "pct")), ("test top-5", _fmt(test.get("top5_acc"), "pct")),
-        ("test median km", _fmt(test.get("median_km"), "km")), ("test p90 km", _fmt(test.get("p90_km"), "km")),
-        ("GeoScore", _fmt(test.get("geoscore"), "num")), ("≤750 km", _fmt(test.get("acc_750km"), "pct")),
+        *((f"test {metric(k).label}", metric(k).fmt(test.get(k))) for k in CARD_METRICS),
         ("epochs run", str(training.get("epochs_run", "–"))),
         (f"gate {gate.get('metric', '')}", ("promoted" if gate.get("promoted") else "kept previous") if gate else "–"),
     ]
@@ -162,9 +162,10 @@ def render_dashboard(run_dir: Path, summary: dict) -> str:
     # training + gate
     tr_rows = {
         "epochs run": training.get("epochs_run"), "best epoch": training.get("best_epoch"),
-        "best val median km": _num(training.get("best_val_median_km")), "best val top-1": _fmt(training.get("best_val_acc"), "pct"),
+        f"best val {metric('median_km').label}": metric("median_km").fmt(training.get("best_val_median_km")),
+        f"best val {metric('top1_acc').label}": metric("top1_acc").fmt(training.get("best_val_acc")),
         "stopped early": training.get("stopped_early"),
-        "gate": f"{gate.get('metric')} = {_num(gate.get('value'))} (previous {_num(gate.get('previous'))}), promoted: {gate.get('promoted')}" if gate else None,
+        "gate": _gate_line(gate) if gate else None,
     }
     parts.append("<section><h2>Training</h2>" + kv_table(tr_rows) + epochs_table(run_dir / "metrics.csv") + "</section>")
     # dataset
@@ -210,16 +211,15 @@ def metrics_html(columns: dict[str, dict]) -> str:
     """HTML table, one row per metric, one column per predictor; the best value per row in bold."""
     e = html.escape
     out = ["<table><tr><th>metric</th>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
-    for key, label, kind in METRIC_ROWS:
-        vals = [c.get(key) for c in columns.values()]
+    for m in table_metrics():
+        vals = [c.get(m.name) for c in columns.values()]
         if all(v is None for v in vals):
             continue
         finite = [v for v in vals if isinstance(v, (int, float)) and np.isfinite(v)]
-        lower_better = key.endswith("_km") and not key.startswith("acc_")
-        best = (min(finite) if lower_better else max(finite)) if len(set(finite)) > 1 else None
-        cells = "".join(f'<td class="best">{e(_fmt(v, kind))}</td>' if best is not None and v == best else f"<td>{e(_fmt(v, kind))}</td>"
+        best = (min(finite) if m.direction == "lower" else max(finite)) if len(set(finite)) > 1 else None
+        cells = "".join(f'<td class="best">{e(m.fmt(v))}</td>' if best is not None and v == best else f"<td>{e(m.fmt(v))}</td>"
                         for v in vals)
-        out.append(f"<tr><td>{e(label)}</td>{cells}</tr>")
+        out.append(f'<tr><td title="{e(m.description)}">{e(m.label)}</td>{cells}</tr>')
     out.append("</table>")
     return "".join(out)
 
@@ -261,6 +261,12 @@ def _short(v: Any) -> str:
     if f.is_integer() and abs(f) < 1e9:
         return str(int(f))
     return f"{f:.4g}"
+
+
+def _gate_line(gate: dict) -> str:
+    m = find(str(gate.get("metric", "")))
+    f = (lambda v: m.fmt(v, unit=True)) if m else _num
+    return f"{gate.get('metric')} = {f(gate.get('value'))} (previous {f(gate.get('previous'))}), promoted: {gate.get('promoted')}"
 
 
 def _num(v: Any, unit: str = "") -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ..catalogue import metric
 from ..config import Config
 from ..evaluation import evaluate, knn_predict, prior_predict
 from ..evaluation.metrics import improves
@@ -260,9 +261,10 @@ def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class
     params, val_km = choose_params(gallery, val.feats.numpy(), val_probs, val.lat.numpy(), val.lon.numpy(), class_lat, class_lon)
     pred = val_probs.argmax(1)
     cell_km = float(np.median(haversine_km(val.lat.numpy(), val.lon.numpy(), class_lat[pred], class_lon[pred])))
-    console.print(f"answer point on validation: cell anchors {cell_km:,.0f} km, refined in the top {params.top_k} cells "
-                  f"(T={params.temperature}, {params.neighbours} neighbours) {val_km:,.0f} km", markup=False, highlight=False)
-    return gallery, params, val_km, bool(val_km < cell_km or cfg.eval.refine == "always")
+    km = metric("median_km")
+    console.print(f"answer point on validation: cell anchors {km.fmt(cell_km, unit=True)}, refined in the top {params.top_k} cells "
+                  f"(T={params.temperature}, {params.neighbours} neighbours) {km.fmt(val_km, unit=True)}", markup=False, highlight=False)
+    return gallery, params, val_km, bool(km.better(val_km, cell_km) or cfg.eval.refine == "always")
 
 
 def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, value: float, fingerprint: str) -> tuple[bool, float | None]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..catalogue import better, metric
 from ..geo import geoscore, haversine_km
 from ..io import atomic_write, one_line
 from ..progress import progress_bar
@@ -33,8 +34,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# validation signals a run can select its epoch on: name (a key of ``Trainer.val_metrics``) -> higher is better
-MONITORS: dict[str, bool] = {"val_loss": False, "val_median_km": False, "val_geoscore": True, "val_top1": True}
+# validation signals a run can select its epoch on: name (a key of ``Trainer.val_metrics``) -> its catalogue metric
+# (which knows the direction); the other keys of a validation row are catalogued too
+MONITORS: dict[str, str] = {"val_loss": "loss", "val_median_km": "median_km", "val_geoscore": "geoscore", "val_top1": "top1_acc"}
+VAL_ROW_METRICS: dict[str, str] = {**MONITORS, "val_top5": "top5_acc"}
 
 
 @dc.dataclass
@@ -60,7 +63,7 @@ class EarlyStopping:
             raise ValueError(f"train.monitor must be one of {sorted(MONITORS)}, got {self.monitor!r}")
 
     def better(self, new: float, old: float | None) -> bool:
-        return old is None or (new > old + 1e-9 if MONITORS[self.monitor] else new < old - 1e-9)
+        return old is None or better(MONITORS[self.monitor], new, old, tol=1e-9)
 
     def update(self, row: dict) -> bool:
         """Take one epoch's validation row; True when it is the new best (the weights to keep)."""
@@ -258,7 +261,7 @@ class Trainer:
                 save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
                                                            "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
                 self.on_epoch(row)
-                advance(1, description=f"train ({phase}) val median {row['val_median_km']:.0f} km")
+                advance(1, description=f"train ({phase}) val median {metric('median_km').fmt(row['val_median_km'], unit=True)}")
         state["stopper"] = dc.asdict(stopper)
         if state["best_state"] is not None:
             module.load_state_dict(state["best_state"])
