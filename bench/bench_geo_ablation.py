@@ -28,10 +28,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
-from geolocate.config import Config  # noqa: E402
+from _workspace import build_earth, workspace_config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "geo_ablation.json"
@@ -46,22 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    from geolocate.index import build_index, make_splits
     from geolocate.runs.experiment import run_experiment
-    from geolocate.sources import get_source
 
     t0 = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-geo-ablation-") as tmp_s:
         tmp = Path(tmp_s)
-        cfg = Config.load(args.config)
-        for k in ("data_dir", "runs_dir", "models_dir", "exports_dir"):
-            setattr(cfg.paths, k, str(tmp / k.removesuffix("_dir")))
-        cfg.source.earth.count = args.count
+        cfg = workspace_config(args.config, tmp, args.count)
         cfg.eval.knn_k = 1
-        get_source("earth")(cfg, Path(cfg.paths.data_dir) / "raw" / "earth")
-        build_index(cfg, plot=False)
-        make_splits(cfg, plot=False)
+        build_earth(cfg)
         for seed in args.seeds:
             cfg.train.seed = seed
             s = json.loads((run_experiment(cfg) / "summary.json").read_text())

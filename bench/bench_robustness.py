@@ -36,10 +36,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
-from geolocate.config import Config  # noqa: E402
+from _workspace import build_earth, workspace_config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "robustness.json"
@@ -88,10 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from geolocate.evaluation import evaluate, knn_predict, prior_predict
-    from geolocate.index import build_index, load_index, make_splits
+    from geolocate.index import load_index
     from geolocate.models import create_backbone, load_model
     from geolocate.runs.experiment import run_experiment
-    from geolocate.sources import get_source
     from geolocate.training.embeddings import cached_embeddings, embed_paths
 
     t_all = time.perf_counter()
@@ -99,15 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_s: dict[str, list[float]] = {v: [] for v in variants(args.copies)}
     with tempfile.TemporaryDirectory(prefix="bench-robustness-") as tmp_s:
         tmp = Path(tmp_s)
-        cfg = Config.load(args.config)
-        for k in ("data_dir", "runs_dir", "models_dir", "exports_dir"):
-            setattr(cfg.paths, k, str(tmp / k.removesuffix("_dir")))
-        cfg.source.earth.count = args.count
+        cfg = workspace_config(args.config, tmp, args.count)
         if not cfg.source.earth.heldout_imagery:
             raise SystemExit("source.earth.heldout_imagery is empty: the heldout_rendering shift needs one")
-        get_source("earth")(cfg, Path(cfg.paths.data_dir) / "raw" / "earth")
-        build_index(cfg, plot=False)
-        make_splits(cfg, plot=False)
+        build_earth(cfg)
         df, labels, _ = load_index(cfg)
         df = df.filter(pl.col("split").is_not_null())
         class_lat = np.array([c["lat"] for c in labels["classes"]])
