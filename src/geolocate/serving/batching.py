@@ -28,10 +28,18 @@ class BatchingEngine:
         self.calls = 0  # engine calls made (for /health and tests)
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
-        self._threads = [threading.Thread(target=self._loop, name=f"geolocate-batcher-{i}", daemon=True)
-                         for i in range(workers or cpu_count())]
-        for t in self._threads:
-            t.start()
+        self._workers = workers or cpu_count()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _ensure_threads(self) -> None:
+        """Start the batching threads on first use, and again after they ended idle (no threads for unused apps)."""
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            while len(self._threads) < self._workers:
+                t = threading.Thread(target=self._loop, name=f"geolocate-batcher-{len(self._threads)}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     @property
     def has_features(self) -> bool:
@@ -43,14 +51,24 @@ class BatchingEngine:
             raise RuntimeError("the batching engine is closed")
         fut: Future = Future()
         self._queue.put((x, fut))
+        self._ensure_threads()
         return fut.result()
 
     def probabilities(self, batch) -> np.ndarray:
         return self.run(batch)["probabilities"]
 
+    IDLE_EXIT_S = 30.0
+
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self.IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:  # idle: end this thread (the next request starts another)
+                    if self._queue.empty():
+                        self._threads = [t for t in self._threads if t is not threading.current_thread()]
+                        return
+                continue
             if first is None:
                 return
             items, rows = [first], len(first[0])
@@ -87,6 +105,9 @@ class BatchingEngine:
 
     def close(self) -> None:
         self._closed = True
-        self._queue.put(None)
-        for t in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        if threads:
+            self._queue.put(None)
+        for t in threads:
             t.join(timeout=5)
