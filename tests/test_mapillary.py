@@ -312,8 +312,10 @@ def test_file_on_disk_without_ledger_row_is_adopted_not_downloaded(fake, tmp_pat
 def test_ctrl_c_does_not_wait_out_backoffs_and_keeps_images_pending(fake, tmp_path):
     srv = fake(Faults(thumb_errors=[503] * 10_000))
     # Ctrl-C goes to the main thread (a process-wide kill may land on any of the suite's many threads), and no
-    # garbage collection runs meanwhile: CPython swallows a KeyboardInterrupt raised inside a finalizer, and earlier
-    # tests leave objects with finalizers behind, which made this test hang now and then on a loaded machine.
+    # garbage collection runs meanwhile (CPython swallows a KeyboardInterrupt raised inside a finalizer).
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored (POSIX), and Python then
+    # installs no KeyboardInterrupt handler: that, not the code under test, is what made this test hang there.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     gc.collect()
     gc.disable()
@@ -324,6 +326,7 @@ def test_ctrl_c_does_not_wait_out_backoffs_and_keeps_images_pending(fake, tmp_pa
             run(srv, tmp_path, backoff_s=5.0, backoff_max_s=5.0)   # every worker sleeps 5 s between tries
     finally:
         gc.enable()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - t0 < 3.0
     with Ledger(tmp_path / "state" / "mapillary.sqlite") as led:
         assert led.count("failed") == 0 and led.count("done") == 0 and 0 < led.count("listed") <= 103

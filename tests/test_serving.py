@@ -93,6 +93,8 @@ def test_health_model_docs_and_page(client, server):
     m = client.get("/model").json()
     assert m["backbone"] == "efficientnet_lite0" and m["num_classes"] == len(geo.classes) and m["h3_resolution"] == 0
     assert m["training_data"]["images"] > 0 and "median_km" in m["metrics"]["test"] and m["run_id"]
+    ap = m["answer_point"]
+    assert ap["refined"] is False or (ap["gallery_loaded"] is True and ap["params"]["top_k"] >= 1)
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/predict", "/health", "/model"} <= set(spec["paths"])

@@ -75,7 +75,8 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
             for i, c in enumerate(p.top, 1):
                 t.add_row(str(i), c.cell, Text(c.place), f"{100 * c.probability:.1f}%", f"{c.lat:.4f}", f"{c.lon:.4f}")
             out_console.print(t)
-            line = f"prediction: {p.lat:.4f}, {p.lon:.4f} ({p.place}, confidence {100 * p.confidence:.1f}%)"
+            where = "refined inside the top cells" if p.point == "refined" else "top cell"
+            line = f"prediction: {p.lat:.4f}, {p.lon:.4f} ({p.place}, {where}, confidence {100 * p.confidence:.1f}%)"
             if p.error_km is not None:
                 line += f"; truth {p.true_lat:.4f}, {p.true_lon:.4f}: error {p.error_km:,.1f} km"
             out_console.print(line, markup=False)

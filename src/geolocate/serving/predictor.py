@@ -180,6 +180,8 @@ class Geolocator:
             "run_id": meta.get("run_id"),
             "training_data": {k: meta.get(k) for k in ("sources", "images", "dataset_fingerprint")},
             "metrics": meta.get("metrics", {}),
+            "answer_point": ({"refined": True, **meta["refine"], "gallery_loaded": self.gallery is not None}
+                             if meta.get("refine") else {"refined": False}),
             "model_file": str(self.path) if self.path else None,
         }
 
