@@ -163,6 +163,7 @@ AUGMENT_RANGES: dict[str, tuple[float, float]] = {  # closed ranges of the augme
 @dc.dataclass
 class EvalConfig:
     knn_k: int = 1
+    calibrate: bool = True          # temperature scaling of the head, fit on validation (ranking unchanged)
     refine: str = "auto"            # answer point: "auto" refines inside the top cells when that wins on validation, "always", "off"
     gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
 

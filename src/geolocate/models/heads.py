@@ -18,6 +18,12 @@ class CellHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(feats))
 
+    @torch.no_grad()
+    def fold_temperature(self, temperature: float) -> None:
+        """Divide the logits by ``temperature`` from now on (temperature scaling baked into the weights)."""
+        self.fc.weight.div_(temperature)
+        self.fc.bias.div_(temperature)
+
 
 class GeoModel(nn.Module):
     """Backbone + head: preprocessed images (B, 3, H, W) -> cell logits (B, C)."""

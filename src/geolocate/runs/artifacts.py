@@ -118,6 +118,15 @@ def metrics_table(columns: dict[str, dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _calibration_lines(cal: dict | None) -> list[str]:
+    if not cal or not cal.get("fitted"):
+        return []
+    rows = [f"| {split} | {cal[f'{split}_ece_before']:.3f} | {cal[f'{split}_ece_after']:.3f} |"
+            for split in ("val", "test") if f"{split}_ece_before" in cal]
+    return ["## Confidence calibration", "", f"Temperature {cal['temperature']:.2f}, fit on validation (ranking unchanged).", "",
+            "| split | ECE before | ECE after |", "|---|---:|---:|", *rows, ""]
+
+
 def _answer_point_lines(ap: dict | None) -> list[str]:
     """REPORT.md section: which point the model answers with, and each choice's metrics (chosen on validation)."""
     if not ap or not ap.get("ablation"):
@@ -144,6 +153,7 @@ def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
         "## Validation split",
         "",
         metrics_table({"model": m["val"], "prior": b["prior"]["val"], "kNN": b["knn"]["val"]}),
+        *_calibration_lines(summary.get("calibration")),
         *_answer_point_lines(summary.get("answer_point")),
         "## Training",
         "",

@@ -146,6 +146,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     model.eval()
     metrics, baselines = {}, {"prior": {}, "knn": {}}
     test_rows = None
+    calibration = calibrate_head(cfg, head, val, test)
     split_probs = {}
     for name, s in (("val", val), ("test", test)):
         if len(s):
@@ -232,6 +233,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                      "best_monitor": stopper.get("best"), "stopped_early": bool(state.get("stopped_early", False))},
         "metrics": metrics,
         "baselines": baselines,
+        "calibration": calibration,
         "answer_point": {"refined": refiner is not None, "params": refiner[1].to_dict() if refiner else None,
                          "ablation": {k: v for k, v in ablation.items() if v}},
         "gate": {"metric": gate_key, "split": gate_split, "value": gate_value, "previous": previous, "promoted": promoted},
@@ -245,6 +247,26 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     log_run_safely(trk, run_dir)
     A.link_latest(runs_dir if not resume else run_dir.parent, run_dir)
     return run_dir
+
+
+def calibrate_head(cfg, head, val: Split, test: Split) -> dict:
+    """Temperature scaling fit on validation and folded into the head; ECE before/after on val (and test)."""
+    from ..evaluation.calibration import ece, fit_temperature, softmax
+
+    if not cfg.eval.calibrate or len(val) == 0:
+        return {"temperature": 1.0, "fitted": False}
+    head.eval()
+    with torch.no_grad():
+        logits = {n: head(s.feats).double().numpy() for n, s in (("val", val), ("test", test)) if len(s)}
+    t = fit_temperature(logits["val"], val.labels.numpy())
+    head.fold_temperature(t)
+    out: dict = {"temperature": round(t, 4), "fitted": True}
+    for n, z in logits.items():
+        y = (val if n == "val" else test).labels.numpy()
+        out[f"{n}_ece_before"], out[f"{n}_ece_after"] = round(ece(softmax(z), y), 4), round(ece(softmax(z, t), y), 4)
+    console.print(f"calibration: temperature {t:.2f} fit on validation; val ECE {out['val_ece_before']:.3f} -> "
+                  f"{out['val_ece_after']:.3f}", markup=False, highlight=False)
+    return out
 
 
 def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class_lon, features: str, n_cls: int):
