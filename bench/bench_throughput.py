@@ -61,7 +61,7 @@ def bench_decode(paths: list[str], backbone, batch_size: int) -> tuple[float, li
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        out = list(pool.map(lambda s: load_batch(paths[s:s + batch_size], backbone.preprocess, backbone.preprocess.size * 2)[0],
+        out = list(pool.map(lambda s: torch.from_numpy(load_batch(paths[s:s + batch_size], backbone.preprocess)[0]),
                             range(0, len(paths), batch_size)))
     return time.perf_counter() - t0, out
 
