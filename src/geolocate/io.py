@@ -97,8 +97,10 @@ def sidecar_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def verify_sidecar(path: Path) -> None:
-    """Raise ValueError when ``path`` has a sidecar JSON with a sha256 that its bytes do not match."""
+def verify_sidecar(path: Path, sha256: str | None = None) -> None:
+    """Raise ValueError when ``path`` has a sidecar JSON with a sha256 that its bytes do not match.
+
+    ``sha256``: the file's digest when the caller has it already (it is not hashed again)."""
     side = sidecar_path(path)
     if not side.is_file():
         return
@@ -109,7 +111,7 @@ def verify_sidecar(path: Path) -> None:
     expected = record.get("sha256") if isinstance(record, dict) else None
     if not expected:
         return
-    if file_sha256(path) != expected:
+    if (sha256 or file_sha256(path)) != expected:
         raise ValueError(f"{path}: its sha256 does not match the one recorded in {side} (corrupted or replaced file); "
                          "restore it or train again")
 

@@ -12,6 +12,7 @@ import json
 import secrets
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -28,7 +29,7 @@ from ..io import read_json, write_json, write_parquet
 from ..models import CellHead, GeoModel, create_backbone, is_pretrained, save_model
 from ..progress import console, tagged
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
-from ..tasks.refine import Gallery, choose_params, gallery_path, refine
+from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
 from ..training.augment import augment_for, image_batch, with_augmented_copies
 from . import artifacts as A
 from .dashboard import write_dashboard
@@ -153,7 +154,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
             with torch.no_grad():
                 split_probs[name] = torch.softmax(head(s.feats), 1).numpy()
     candidate = choose_refinement(cfg, train, val, split_probs.get("val"), class_lat, class_lon, backbone.cache_name, n_cls)
-    refiner = candidate[:3] if candidate and candidate[3] else None
+    shipped = candidate is not None and candidate.shipped
     ablation: dict = {"cell_anchor": {}, "refined": {}}
     for name, s in (("val", val), ("test", test)):
         if len(s) == 0:
@@ -164,11 +165,11 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         pt_lat, pt_lon = class_lat[pred], class_lon[pred]
         ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
         if candidate is not None:
-            r_lat, r_lon, _ = refine(candidate[0], s.feats.numpy(), probs, candidate[1], class_lat, class_lon)
+            r_lat, r_lon, _ = refine(candidate.gallery, s.feats.numpy(), probs, candidate.params, class_lat, class_lon)
             ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon)
-            if refiner is not None:
+            if shipped:
                 pt_lat, pt_lon = r_lat, r_lon
-        metrics[name] = ablation["refined" if refiner is not None else "cell_anchor"][name]
+        metrics[name] = ablation["refined" if shipped else "cell_anchor"][name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
         baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon)
         sc, pla, plo = knn_predict(train.feats.numpy(), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
@@ -198,9 +199,9 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     backbone_trained = finetune_epochs > 0
     meta = {"run_id": run_id, "metrics": {"test": metrics["test"], "val": metrics["val"]}, "dataset_fingerprint": stats["fingerprint"],
             "sources": stats.get("sources", {}), "images": stats["images"]}
-    if refiner is not None:
-        gallery, params, val_km = refiner
-        meta["refine"] = {"params": params.to_dict(), "features": gallery.features, "val_median_km": round(val_km, 3),
+    if shipped:
+        gallery = candidate.gallery
+        meta["refine"] = {"params": candidate.params.to_dict(), "features": gallery.features, "val_median_km": round(candidate.val_km, 3),
                           "gallery_sha256": gallery.save(gallery_path(model_path)), "gallery_size": len(gallery)}
     save_model(model_path, model, spec, labels, cfg.model.dropout, backbone_trained, meta)
 
@@ -234,7 +235,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "metrics": metrics,
         "baselines": baselines,
         "calibration": calibration,
-        "answer_point": {"refined": refiner is not None, "params": refiner[1].to_dict() if refiner else None,
+        "answer_point": {"refined": shipped, "params": candidate.params.to_dict() if shipped else None,
                          "ablation": {k: v for k, v in ablation.items() if v}},
         "gate": {"metric": gate_key, "split": gate_split, "value": gate_value, "previous": previous, "promoted": promoted},
     }
@@ -269,10 +270,16 @@ def calibrate_head(cfg, head, val: Split, test: Split) -> dict:
     return out
 
 
-def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class_lon, features: str, n_cls: int):
-    """(gallery, params, val median km, shipped) for refinement inside the top cells, None when ``eval.refine`` is off.
+class Refinement(NamedTuple):
+    """Refinement inside the top cells, as measured on validation."""
+    gallery: Gallery
+    params: RefineParams
+    val_km: float   # validation median with these parameters
+    shipped: bool   # it beat the cell anchors on validation (``eval.refine: auto``), or ``eval.refine`` is ``always``
 
-    ``shipped``: refinement beat the cell anchors on validation (``auto``), or ``eval.refine`` is ``always``."""
+
+def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class_lon, features: str, n_cls: int) -> Refinement | None:
+    """The best refinement on validation, None when ``eval.refine`` is off."""
     if cfg.eval.refine == "off" or val_probs is None or len(val) == 0:
         return None
     from ..geo import place_names
@@ -286,7 +293,7 @@ def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class
     km = metric("median_km")
     console.print(f"answer point on validation: cell anchors {km.fmt(cell_km, unit=True)}, refined in the top {params.top_k} cells "
                   f"(T={params.temperature}, {params.neighbours} neighbours) {km.fmt(val_km, unit=True)}", markup=False, highlight=False)
-    return gallery, params, val_km, bool(km.better(val_km, cell_km) or cfg.eval.refine == "always")
+    return Refinement(gallery, params, val_km, bool(km.better(val_km, cell_km) or cfg.eval.refine == "always"))
 
 
 def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, value: float, fingerprint: str) -> tuple[bool, float | None]:

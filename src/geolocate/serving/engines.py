@@ -14,12 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..evaluation.calibration import softmax
 from ..runtime import ort_session, session_metadata
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class OnnxEngine:
@@ -27,14 +23,12 @@ class OnnxEngine:
 
     name = "onnx"
 
-    def __init__(self, source: str | Path | bytes, threads: int | None = 1, name: str | None = None):
+    def __init__(self, source: str | Path | bytes, threads: int | None = 1):
         self.path = None if isinstance(source, (bytes, bytearray)) else Path(source)
         try:
             self.session = ort_session(source, threads)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise ValueError(f"{self.path or '<onnx bytes>'}: not a loadable ONNX model ({type(e).__name__}: {e})") from None
-        if name:
-            self.name = name
         self.metadata: dict[str, Any] = session_metadata(self.session)
         try:
             self.info = json.loads(self.metadata["geolocate_info"]) if "geolocate_info" in self.metadata else None
@@ -51,7 +45,7 @@ class OnnxEngine:
         x = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
         names = [self.output_name] + (["features"] if self.has_features else [])
         outs = self.session.run(names, {self.input_name: x})
-        out = {"probabilities": softmax(outs[0]) if self._softmax else outs[0]}
+        out = {"probabilities": softmax(outs[0]).astype(np.float32) if self._softmax else outs[0]}
         if self.has_features:
             out["features"] = outs[1]
         return out

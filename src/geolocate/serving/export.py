@@ -74,15 +74,24 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None, check: bo
     model_path = Path(model_path)
     out = Path(out) if out is not None else model_path.with_suffix(".onnx")
     model, info = load_model(model_path)
-    data = onnx_bytes(model, info, file_sha256(model_path))
-    diff = None
-    if check:
-        engine = OnnxEngine(data)
-        diff = parity(model, engine.probabilities, check_batch(info, images=check_images, preprocess=model.preprocess))
-        if diff > PARITY_TOL:
-            raise ExportError(f"ONNX export differs from PyTorch by {diff:.2e} (> {PARITY_TOL:g}); not written")
+    data, _, diff = checked_onnx(model, info, model_path, check, check_images)
     atomic_write(out, lambda p: p.write_bytes(data), suffix=".onnx")
     return out, diff
+
+
+def checked_onnx(model: nn.Module, info: dict, model_path: Path, check: bool = True, check_images: list | None = None,
+                 threads: int | None = 1) -> tuple[bytes, OnnxEngine | None, float | None]:
+    """(ONNX bytes of ``model`` pinned to ``model_path``'s sha256, their engine, max |Δp| against PyTorch).
+
+    With ``check``, raises :class:`ExportError` when ONNX Runtime does not reproduce PyTorch within ``PARITY_TOL``."""
+    data = onnx_bytes(model, info, file_sha256(model_path))
+    if not check:
+        return data, None, None
+    engine = OnnxEngine(data, threads)
+    diff = parity(model, engine.probabilities, check_batch(info, images=check_images, preprocess=model.preprocess))
+    if diff > PARITY_TOL:
+        raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {diff:.2e} (> {PARITY_TOL:g}); not written")
+    return data, engine, diff
 
 
 def export_torchscript(model_path: str | Path, out: str | Path | None = None, check: bool = True,
@@ -160,16 +169,13 @@ def build_onnx_engine(model_path: Path, onnx_path: Path, threads: int | None = 1
 
     if model is None:
         model, info = load_model(model_path)
-    data = onnx_bytes(model, info, file_sha256(model_path))
-    engine = OnnxEngine(data, threads)
-    diff = parity(model, engine.probabilities, check_batch(info, preprocess=model.preprocess))
-    if diff > PARITY_TOL:
-        raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {diff:.2e} (> {PARITY_TOL:g})")
+    data, engine, _ = checked_onnx(model, info, model_path, threads=threads)
     try:
         atomic_write(onnx_path, lambda p: p.write_bytes(data), suffix=".onnx")
     except OSError:
         return engine
-    return OnnxEngine(onnx_path, threads)
+    engine.path = onnx_path  # the session already built from these bytes serves: no second load from the file
+    return engine
 
 
 # ---- int8 ----------------------------------------------------------------------------------

@@ -314,7 +314,8 @@ def _check_positive(name: str, value: object) -> None:
 
 def _cached_onnx_engine(model_path: Path, onnx_path: Path, threads: int):
     """The ONNX engine of ``onnx_path`` if it was exported from exactly this model file, else None (no torch)."""
-    verify_sidecar(model_path)  # a model that does not match its promotion record is refused, whatever engine
+    sha = file_sha256(model_path)
+    verify_sidecar(model_path, sha)  # a model that does not match its promotion record is refused, whatever engine
     if not onnx_path.is_file():
         return None
     from .engines import OnnxEngine
@@ -323,6 +324,6 @@ def _cached_onnx_engine(model_path: Path, onnx_path: Path, threads: int):
         eng = OnnxEngine(onnx_path, threads)
     except ValueError:
         return None  # unreadable or partial: rebuilt by the caller
-    if eng.info is None or not eng.has_features or eng.metadata.get("source_sha256") != file_sha256(model_path):
+    if eng.info is None or not eng.has_features or eng.metadata.get("source_sha256") != sha:
         return None  # another model's, or an export from before the features output: rebuilt by the caller
     return eng

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write
+from ..io import atomic_write, file_sha256
 
 FORMAT = "geolocate-gallery/1"
 
@@ -65,7 +65,7 @@ class Gallery:
                          features=np.asarray(self.features), num_classes=np.asarray(self.num_classes), **extra)
 
         atomic_write(path, w, suffix=".npz")
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_sha256(path)
 
     @classmethod
     def load(cls, path: str | Path, sha256: str | None = None, features: str | None = None,
