@@ -74,14 +74,14 @@ def collect_records(data_dir: str | Path, sources: list[str] | None = None) -> p
 
 def _warn_foreign_paths(df: pl.DataFrame, rp: RecordPaths) -> None:
     """One line per source whose records name absolute files that are gone (records of a moved checkout)."""
-    from ..progress import console
+    from ..progress import console, tagged
 
     outside = df.filter(pl.col("path").str.starts_with("/")).select("source", "path")
     gone = outside.filter(pl.Series([not os.path.exists(p) for p in outside["path"].to_list()], dtype=pl.Boolean))
     for (src,), part in sorted(gone.partition_by("source", as_dict=True).items(), key=lambda kv: str(kv[0])):
-        console.print(f"[yellow]warning:[/] {part.height} {src} records point at missing files outside {rp.data_dir} "
-                      f"(e.g. {part['path'][0]}): records of a moved checkout? rebuild them with "
-                      f"`geolocate build-dataset --source {src}`", highlight=False, soft_wrap=True)
+        console.print(tagged("warning", f"{part.height} {src} records point at missing files outside {rp.data_dir} "
+                                        f"(e.g. {part['path'][0]}): records of a moved checkout? rebuild them with "
+                                        f"`geolocate build-dataset --source {src}`"), highlight=False, soft_wrap=True)
 
 
 def assign_cells(lat: np.ndarray, lon: np.ndarray, resolution: int, min_samples: int, policy: str) -> list[str | None]:

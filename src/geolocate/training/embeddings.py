@@ -80,7 +80,7 @@ def load_cache(cache: Path, num_features: int) -> dict[str, CacheEntry]:
             return {i: CacheEntry(d, st, f) for i, d, st, f in
                     zip(z["ids"].tolist(), z["digests"].tolist(), z["stamps"].tolist(), z["feats"])}
     except (OSError, KeyError, ValueError, IndexError):
-        console.print(f"[yellow]warning:[/] embedding cache {cache} unreadable: rebuilding it")
+        console.print(tagged("warning", f"embedding cache {cache} unreadable: rebuilding it"), highlight=False, soft_wrap=True)
         return {}
 
 
@@ -195,8 +195,8 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
         by_digest[digest] = hit
         changed += 1
     if legacy:
-        console.print(f"[yellow]note:[/] embedding cache {cache}: {legacy} entries of an older cache format kept "
-                      "(their files are unchanged); the cache now keys images by content", highlight=False, soft_wrap=True)
+        console.print(tagged("note", f"embedding cache {cache}: {legacy} entries of an older cache format kept "
+                             "(their files are unchanged); the cache now keys images by content"), highlight=False, soft_wrap=True)
     if todo:
         rows = [j for j, _, _ in todo]
         transforms = [augment.seeded(augment.seed_for(d, copy)) for _, d, _ in todo] if augment is not None else None
@@ -208,7 +208,8 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
                 entries[ids[j]] = CacheEntry(digest, stamp, f)
                 changed += 1
     what = f"augmented copy {copy} ({augment.domain}, {augment.key}) " if augment is not None else ""
-    console.print(f"embeddings: {what}{len(ids) - len(todo)} cached, {len(todo)} computed ({cache})", highlight=False, soft_wrap=True)
+    console.print(f"embeddings: {what}{len(ids) - len(todo)} cached, {len(todo)} computed ({cache})", markup=False,
+                  highlight=False, soft_wrap=True)
     if changed:
         save_cache(cache, entries)
     return feats, ~np.isnan(feats).any(axis=1)
