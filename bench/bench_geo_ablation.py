@@ -1,18 +1,21 @@
-"""Geo-intelligence ablation on the Earth benchmark: what each answer point is worth, 3 seeds, val and test.
+"""Geo-intelligence ablation on the Earth benchmark: each head and tool alone, then the best on validation; 3 seeds.
 
-The demo pipeline (``configs/demo.yaml``) is built once and trained once per seed (embeddings cached).
-Each run reports, on the same val/test images:
+The demo pipeline (``configs/demo.yaml``) is built once; every variant trains on the same cached embeddings, per seed:
 
 - ``baseline``: the linear cell head answering with the top cell's anchor (what the project shipped);
 - ``knn1``: the nearest training image (cosine, same embeddings);
-- ``refine``: the same head, answer refined inside the top cells from the training gallery (parameters
-  chosen on validation only);
-- ``best``: whatever the run ships (refined when refinement beat the anchors on validation).
+- ``refine``: the linear head, answer refined inside the top cells from the training gallery (parameters chosen
+  on validation only);
+- ``hierarchical`` (res 0 -> res 1, joint p(parent)·p(cell | parent)), ``hierarchical_mask`` (cells outside the
+  top 3 parents masked), ``offset`` (cell + in-cell offset regression), ``gps`` (cell + coordinate regression),
+  ``hard_negatives`` (oversampling of confused cell pairs): each alone, answering with its own point;
+- ``<variant>+refine``: that variant with refinement;
+- ``best``: per seed, the configuration with the lowest **validation** median among all of the above (test reported).
 
 Writes ``bench/results/geo_ablation.json``: ``rows`` of ``{"variant", "seed", "split", "n", "median_km", "p90_km",
-"acc_200km", "acc_2500km", "geoscore"}`` and a ``summary`` (mean ± std over seeds).
+"acc_200km", "acc_2500km", "geoscore"}``, the ``summary`` (mean ± std over seeds) and which configuration won per seed.
 
-    python bench/bench_geo_ablation.py [--count 6000] [--seeds 0 1 2]
+    python bench/bench_geo_ablation.py [--count 6000] [--seeds 0 1 2] [--variants baseline offset ...]
 """
 from __future__ import annotations
 
@@ -37,39 +40,67 @@ from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "geo_ablation.json"
 KEYS = ("n", "median_km", "p90_km", "acc_200km", "acc_2500km", "geoscore")
-VARIANTS = ("baseline", "knn1", "refine", "best")
+# variant -> config overrides (on top of configs/demo.yaml); every run also measures itself refined
+RUNS: dict[str, dict[str, object]] = {
+    "baseline": {},
+    "hierarchical": {"model.head": "hierarchical", "model.levels": [0]},
+    "hierarchical_mask": {"model.head": "hierarchical", "model.levels": [0], "model.hierarchy_mode": "mask"},
+    "offset": {"model.head": "offset"},
+    "gps": {"model.head": "gps"},
+    "hard_negatives": {"train.hard_negatives": 1.0},
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=6000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    from geolocate.config import Config
     from geolocate.runs.experiment import run_experiment
 
     t0 = time.perf_counter()
-    rows = []
+    rows, winners = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-geo-ablation-") as tmp_s:
         tmp = Path(tmp_s)
-        cfg = workspace_config(args.config, tmp, args.count)
-        cfg.eval.knn_k = 1
-        build_earth(cfg)
+        base = workspace_config(args.config, tmp, args.count)
+        base.eval.knn_k = 1
+        base.eval.refine = "always"  # measure every variant both ways; "best" picks on validation below
+        build_earth(base)
         for seed in args.seeds:
-            cfg.train.seed = seed
-            s = json.loads((run_experiment(cfg) / "summary.json").read_text())
-            abl = s["answer_point"]["ablation"]
+            candidates = {}  # name -> {split: metrics}
+            for variant in args.variants:
+                cfg = Config.from_dict(base.to_dict())
+                cfg.train.seed = seed
+                for k, v in RUNS[variant].items():
+                    cfg.set(f"{k}={json.dumps(v)}")
+                cfg.validate()
+                s = json.loads((run_experiment(cfg) / "summary.json").read_text())
+                abl = s["answer_point"]["ablation"]
+                own = abl["head_point"] if abl.get("head_point") else abl["cell_anchor"]
+                candidates[variant] = own
+                if abl.get("refined"):
+                    candidates[f"{variant}+refine"] = abl["refined"]
+                if variant == "baseline":
+                    candidates["knn1"] = s["baselines"]["knn"]
+                print(f"seed {seed} {variant}: val {own['val']['median_km']:,.0f} km, refined "
+                      f"{abl.get('refined', {}).get('val', {}).get('median_km', float('nan')):,.0f} km", flush=True)
+            for name, m in candidates.items():
+                for split in ("val", "test"):
+                    rows.append({"variant": "refine" if name == "baseline+refine" else name, "seed": seed, "split": split,
+                                 **{k: m[split][k] for k in KEYS}})
+            pick = min((n for n in candidates if n != "knn1"), key=lambda n: candidates[n]["val"]["median_km"])
+            winners[seed] = pick
             for split in ("val", "test"):
-                tables = {"baseline": abl["cell_anchor"][split], "knn1": s["baselines"]["knn"][split],
-                          "refine": abl.get("refined", {}).get(split), "best": s["metrics"][split]}
-                for variant, m in tables.items():
-                    if m is not None:
-                        rows.append({"variant": variant, "seed": seed, "split": split, **{k: m[k] for k in KEYS}})
-            print(f"seed {seed}: refined={s['answer_point']['refined']} params={s['answer_point']['params']}", flush=True)
+                rows.append({"variant": "best", "seed": seed, "split": split, **{k: candidates[pick][split][k] for k in KEYS}})
+            print(f"seed {seed}: best on validation = {pick}", flush=True)
     summary = []
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     for split in ("val", "test"):
-        for variant in VARIANTS:
+        for variant in variants:
             sel = [r for r in rows if r["variant"] == variant and r["split"] == split]
             if not sel:
                 continue
@@ -77,8 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
             summary.append({"variant": variant, "split": split, "seeds": len(sel), "n": sel[0]["n"],
                             **{k: f"{m:,.3f} ± {sd:,.3f}" if k.startswith("acc") else f"{m:,.0f} ± {sd:,.0f}" for k, (m, sd) in stat.items()}})
     result = {"benchmark": "geo_ablation",
-              "what": f"{args.config.name} at {args.count} Earth patches, seeds {args.seeds}: answer point ablation (mean ± std)",
-              "total_s": round(time.perf_counter() - t0, 1), "summary": summary, "rows": rows}
+              "what": f"{args.config.name} at {args.count} Earth patches, seeds {args.seeds}: heads, tools and answer points (mean ± std)",
+              "total_s": round(time.perf_counter() - t0, 1), "best_on_validation": winners, "runs": RUNS,
+              "summary": summary, "rows": rows}
     write_json(args.out, result)
     print("\n| variant | split | median km | p90 km | ≤200 km | ≤2500 km | GeoScore |\n|---|---|---:|---:|---:|---:|---:|")
     for r in summary:

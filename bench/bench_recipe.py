@@ -49,7 +49,8 @@ os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 from geolocate.config import Config  # noqa: E402
 from geolocate.index import build_index, load_index, make_splits  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
-from geolocate.models import CellHead, create_backbone  # noqa: E402
+from geolocate.labels import LabelSpace  # noqa: E402
+from geolocate.models import CellHead, GeoOutput, create_backbone  # noqa: E402
 from geolocate.runs.experiment import _split  # noqa: E402
 from geolocate.sources import get_source  # noqa: E402
 from geolocate.training import Split, Trainer, cached_embeddings, seed_everything  # noqa: E402
@@ -86,9 +87,10 @@ class Recorder(Trainer):
         super().__init__(*args, **kw)
         self.n_val, self.logits = n_val, []
 
-    def val_metrics(self, logits: torch.Tensor, split: Split) -> dict:
-        self.logits.append(logits.clone())
-        return super().val_metrics(logits[:self.n_val], subset(split, np.arange(self.n_val)))
+    def val_metrics(self, head, out, split: Split) -> dict:
+        self.head = head
+        self.logits.append(head.decode(out).log_probs.clone())
+        return super().val_metrics(head, out.take(slice(0, self.n_val)), subset(split, np.arange(self.n_val)))
 
 
 @dc.dataclass
@@ -98,10 +100,20 @@ class Data:
     val: Split
     test: Split
     val_seq: np.ndarray
-    class_lat: np.ndarray
-    class_lon: np.ndarray
-    n_cls: int
+    labels: LabelSpace
     num_features: int
+
+    @property
+    def class_lat(self) -> np.ndarray:
+        return self.labels.lat
+
+    @property
+    def class_lon(self) -> np.ndarray:
+        return self.labels.lon
+
+    @property
+    def n_cls(self) -> int:
+        return self.labels.num_classes
 
 
 def load(cfg: Config) -> Data:
@@ -114,8 +126,7 @@ def load(cfg: Config) -> Data:
     df, feats = df.filter(pl.Series(ok)), feats[ok]
     (train, _), (val, mva), (test, _) = (_split(df, feats, n) for n in ("train", "val", "test"))
     return Data(cfg, train, val, test, df["sequence_id"].to_numpy()[mva],
-                np.array([c["lat"] for c in labels["classes"]]), np.array([c["lon"] for c in labels["classes"]]),
-                labels["num_classes"], backbone.num_features)
+                LabelSpace.from_dict(labels), backbone.num_features)
 
 
 def trajectory(d: Data, seed: int, threads: int, ckpt: Path) -> tuple[Recorder, list[dict], float]:
@@ -127,10 +138,10 @@ def trajectory(d: Data, seed: int, threads: int, ckpt: Path) -> tuple[Recorder, 
     try:
         seed_everything(seed)
         create_backbone(cfg.model.backbone, pretrained=True)  # consumes the RNG as run_experiment's does
-        head = CellHead(d.num_features, d.n_cls, cfg.model.dropout)
+        head = CellHead(d.num_features, d.labels, cfg.model.dropout)
         both = Split(labels=torch.cat([d.val.labels, d.test.labels]), lat=torch.cat([d.val.lat, d.test.lat]),
                      lon=torch.cat([d.val.lon, d.test.lon]), feats=torch.cat([d.val.feats, d.test.feats]))
-        rec = Recorder(cfg, d.class_lat, d.class_lon, np.bincount(d.train.labels.numpy(), minlength=d.n_cls), ckpt, n_val=len(d.val))
+        rec = Recorder(cfg, d.labels, np.bincount(d.train.labels.numpy(), minlength=d.n_cls), ckpt, n_val=len(d.val))
         t0 = time.perf_counter()
         state = rec.fit_head(head, d.train, both)
         return rec, state["history"], time.perf_counter() - t0
@@ -153,7 +164,7 @@ def scores(rec: Recorder, d: Data, logits: torch.Tensor, part: np.ndarray | None
     s, lg = (d.val, logits[:n]) if split == "val" else (d.test, logits[n:])
     if part is not None:
         s, lg = subset(s, part), lg[torch.as_tensor(part)]
-    row = Trainer.val_metrics(rec, lg, s)
+    row = Trainer.val_metrics(rec, rec.head, GeoOutput({"cell": lg}), s)
     return {"median_km": row["val_median_km"], "geoscore": row["val_geoscore"]}
 
 
@@ -167,7 +178,8 @@ def halves(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_recipes(rec: Recorder, d: Data, rows: list[dict], seed: int) -> list[dict]:
     out = []
     parts = halves(d.val_seq)
-    part_rows = {i: [Trainer.val_metrics(rec, lg[:rec.n_val][torch.as_tensor(p)], subset(d.val, p)) for lg in rec.logits]
+    part_rows = {i: [Trainer.val_metrics(rec, rec.head, GeoOutput({"cell": lg[:rec.n_val][torch.as_tensor(p)]}), subset(d.val, p))
+                     for lg in rec.logits]
                  for i, p in enumerate(parts)}
     for name, (monitor, patience, min_epochs, ema) in CANDIDATES.items():
         epochs_run, kept = replay(EarlyStopping(monitor, patience, min_epochs, ema), rows)

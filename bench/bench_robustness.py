@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for shift in SHIFTS:
                     x = shifted[(split, shift)]
                     with torch.inference_mode():
-                        probs = torch.softmax(model.head(torch.from_numpy(x)), 1).numpy()
+                        probs = model.head.probabilities(torch.from_numpy(x)).numpy()
                     pred = probs.argmax(1)
                     results = {"model": evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred], countries=False)}
                     sc, pla, plo = knn_predict(tr_feats, tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)

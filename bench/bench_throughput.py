@@ -35,6 +35,7 @@ os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
 from geolocate.config import Config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
+from geolocate.labels import LabelSpace  # noqa: E402
 from geolocate.models import CellHead, GeoModel, create_backbone  # noqa: E402
 from geolocate.serving import Geolocator  # noqa: E402
 from geolocate.sources import get_source  # noqa: E402
@@ -122,9 +123,10 @@ def _train_epoch(feats: np.ndarray, epochs: int, n_classes: int, tmp: Path) -> d
     cfg = Config()
     cfg.train.epochs = epochs
     cfg.train.patience = epochs + 1
-    trainer = Trainer(cfg, class_lat, class_lon, np.bincount(train.labels.numpy(), minlength=n_classes), tmp / "ckpt")
+    labels = LabelSpace.from_anchors(class_lat, class_lon)
+    trainer = Trainer(cfg, labels, np.bincount(train.labels.numpy(), minlength=n_classes), tmp / "ckpt")
     t0 = time.perf_counter()
-    state = trainer.fit_head(CellHead(x.shape[1], n_classes, cfg.model.dropout), train, val)
+    state = trainer.fit_head(CellHead(x.shape[1], labels, cfg.model.dropout), train, val)
     total = time.perf_counter() - t0
     per_epoch = [r["seconds"] for r in state["history"]]
     return {"train_images": n_train, "val_images": n_val, "classes": n_classes, "epochs": len(per_epoch),
@@ -136,9 +138,9 @@ def _train_epoch(feats: np.ndarray, epochs: int, n_classes: int, tmp: Path) -> d
 
 def bench_predict(backbone, paths: list[str], n_classes: int, batch_size: int) -> dict:
     rng = np.random.default_rng(0)
-    classes = [{"index": i, "cell": f"cell{i}", "place": f"place {i}", "lat": float(la), "lon": float(lo)}
-               for i, (la, lo) in enumerate(zip(rng.uniform(-60, 60, n_classes), rng.uniform(-180, 180, n_classes)))]
-    geo = Geolocator(GeoModel(backbone, CellHead(backbone.num_features, n_classes)), {"labels": {"classes": classes, "num_classes": n_classes}})
+    labels = LabelSpace.from_anchors(rng.uniform(-60, 60, n_classes), rng.uniform(-180, 180, n_classes))
+    geo = Geolocator(GeoModel(backbone, CellHead(backbone.num_features, labels)), {"labels": labels.to_dict(),
+                                                                                   "preprocess": backbone.preprocess.to_dict()})
     geo.predict(paths[:2], top_k=5)
     t0 = time.perf_counter()
     preds = geo.predict(paths, top_k=5, batch_size=batch_size)

@@ -248,7 +248,7 @@ def test_augmented_copies_train_only_and_evaluation_is_untouched(trained_copy):
     model, _ = load_model(run / "checkpoints" / "model.pt")
     mask = (df["split"] == "val").to_numpy()
     with torch.no_grad():
-        pred = model.head(torch.from_numpy(plain[mask])).argmax(1).numpy()
+        pred = model.head.probabilities(torch.from_numpy(plain[mask])).argmax(1).numpy()
     top1 = float((pred == df["label"].to_numpy()[mask]).mean())
     assert abs(top1 - read_json(run / "summary.json")["metrics"]["val"]["top1_acc"]) < 1e-9
 

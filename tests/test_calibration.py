@@ -1,5 +1,6 @@
 """Temperature scaling on validation: fitted on hand-made overconfident logits, folded into the head."""
 import numpy as np
+import pytest
 import torch
 
 from geolocate.evaluation.calibration import ece, fit_temperature, nll, softmax
@@ -31,12 +32,18 @@ def test_ece_of_a_perfectly_calibrated_predictor_is_small_and_of_a_liar_large():
     assert abs(ece(np.tile([0.99, 0.01], (1000, 1)), y) - 0.29) < 1e-9
 
 
-def test_folding_the_temperature_into_the_head_keeps_the_ranking():
-    head = CellHead(8, 5, dropout=0.0).eval()
+@pytest.mark.parametrize("name", ["linear", "hierarchical", "offset", "gps"])
+def test_the_head_temperature_divides_the_log_probabilities_and_keeps_the_ranking(name):
+    from geolocate.labels import LabelSpace
+    from geolocate.models import create_head
+
+    labels = LabelSpace.from_anchors([10, 12, -30, 50, 51], [20, 22, 140, 5, 6], resolution=2).with_levels([0])
+    head = create_head(name, 8, labels, dropout=0.0).eval()
     x = torch.randn(16, 8)
     with torch.no_grad():
-        before = head(x)
-        head.fold_temperature(2.5)
-        after = head(x)
-    assert torch.allclose(after, before / 2.5, atol=1e-6)
+        out = head(x)
+        before = head.decode(out).log_probs
+        head.set_temperature(2.5)
+        after = head.decode(out).log_probs
+    assert torch.allclose(after, torch.log_softmax(before / 2.5, 1), atol=1e-6)
     assert torch.equal(after.argmax(1), before.argmax(1))

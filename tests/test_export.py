@@ -47,7 +47,7 @@ def reference(exported, photos_dir):
     pp = model.preprocess
     x = torch.from_numpy(pp.batch([photos_dir / n for n in PHOTOS]))  # the one decode path
     with torch.inference_mode():
-        ref = torch.softmax(model(x), dim=1).numpy()
+        ref = model.decode(x).probabilities.numpy()
     return model, info, x, ref
 
 

@@ -213,7 +213,7 @@ def _n_classes(ck: dict) -> int:
     ("wrong_count", lambda ck: ck["labels"].update(num_classes=_n_classes(ck) + 1, classes=ck["labels"]["classes"] + ck["labels"]["classes"][:1]),
      "weights do not fit"),
     ("short_classes", lambda ck: ck["labels"].update(classes=ck["labels"]["classes"][:-1]), "but declare"),
-    ("labels_not_a_dict", lambda ck: ck.update(labels=[1, 2]), "but declare"),
+    ("labels_not_a_dict", lambda ck: ck.update(labels=[1, 2]), "not a labels dict"),
     ("class_without_centroid", lambda ck: ck["labels"]["classes"][0].pop("lat"), "a class without cell, lat, lon, place"),
     ("no_preprocess_size", lambda ck: ck["preprocess"].pop("size"), "no usable preprocess"),
 ])

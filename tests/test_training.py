@@ -89,7 +89,7 @@ def test_training_beats_prior_and_writes_artifacts(trained):
     assert best["run_id"] == run_dir.name and best["metric"] == "val/median_km" and best["value"] == pytest.approx(val["median_km"])
     # the model file loads with weights_only=True and reproduces the run's test predictions
     ck = torch.load(model_path, weights_only=True)
-    assert ck["format"] == "geolocate-model/1" and ck["backbone_state"] is None
+    assert ck["format"] == "geolocate-model/2" and ck["backbone_state"] is None and ck["head"] == "linear"
     model, info = load_model(model_path)
     assert info["labels"]["num_classes"] == s["dataset"]["cells"]
 
@@ -195,6 +195,7 @@ def scripted_curve(epochs: int = 60) -> list[dict]:
 def fit_scripted(monkeypatch, tmp_path, rows: list[dict], **train) -> tuple[dict, dict, torch.nn.Module]:
     """Train a tiny head whose validation rows are ``rows``; returns (state, weights per epoch, head)."""
     from geolocate.config import Config
+    from geolocate.labels import LabelSpace
     from geolocate.models import CellHead
     from geolocate.training import Split, Trainer
 
@@ -205,12 +206,13 @@ def fit_scripted(monkeypatch, tmp_path, rows: list[dict], **train) -> tuple[dict
     g = torch.Generator().manual_seed(0)
     split = lambda n: Split(labels=torch.randint(0, 4, (n,), generator=g), lat=torch.zeros(n, dtype=torch.float64),
                             lon=torch.zeros(n, dtype=torch.float64), feats=torch.randn(n, 8, generator=g))
-    head = CellHead(8, 4, 0.0)
+    labels = LabelSpace.from_anchors(np.zeros(4), np.arange(4.0))
+    head = CellHead(8, labels, 0.0)
     weights: dict[int, dict] = {}
-    trainer = Trainer(cfg, np.zeros(4), np.arange(4.0), np.ones(4), tmp_path,
+    trainer = Trainer(cfg, labels, np.ones(4), tmp_path,
                       on_epoch=lambda row: weights.__setitem__(row["epoch"], {k: v.clone() for k, v in head.state_dict().items()}))
     script = iter(rows)
-    monkeypatch.setattr(Trainer, "val_metrics", lambda self, logits, s: dict(next(script)))
+    monkeypatch.setattr(Trainer, "val_metrics", lambda self, head, out, s: dict(next(script)))
     return trainer.fit_head(head, split(64), split(16)), weights, head
 
 
@@ -277,10 +279,10 @@ def scripted_run(trained, tmp_path_factory):
     seen: list[int] = []
     real = Trainer.val_metrics
 
-    def scripted(self, logits, split):
+    def scripted(self, head, out, split):
         i = len(seen)
         seen.append(torch.get_num_threads())
-        return {**real(self, logits, split), "val_loss": losses[i], "val_top1": top1[i]}
+        return {**real(self, head, out, split), "val_loss": losses[i], "val_top1": top1[i]}
 
     mp = pytest.MonkeyPatch()
     mp.setattr(Trainer, "val_metrics", scripted)

@@ -105,7 +105,11 @@ class IndexConfig:
 @dc.dataclass
 class ModelConfig:
     backbone: str = "efficientnet_lite0"
+    head: str = "linear"          # a registered head: geolocate.models.heads (linear, hierarchical, offset, gps, ...)
     dropout: float = 0.2
+    levels: list[int] = dc.field(default_factory=list)  # coarser H3 levels of the label space (hierarchical head); [] = one level up
+    hierarchy_mode: str = "joint"  # hierarchical head: "joint" p(parent)·p(cell | parent), or "mask" (cells outside the top parents get 0)
+    mask_top: int = 3              # hierarchical "mask": parents kept
 
 
 @dc.dataclass
@@ -124,6 +128,9 @@ class TrainConfig:
     geo_tau_km: float = 600.0
     geo_mix_ce: float = 0.3       # weight of plain CE inside the geo loss
     class_weights: bool = False
+    level_weight: float = 0.5     # hierarchical head: weight of each coarser level's cross-entropy
+    reg_weight: float = 1.0       # offset / gps heads: weight of the haversine regression term
+    hard_negatives: float = 0.0   # >0: oversample training images of the cell pairs the head confuses (strength)
     finetune_epochs: int = 0      # >0: unfreeze the backbone afterwards
     finetune_lr_mult: float = 0.1 # backbone LR = lr * mult during fine-tuning
     augment: bool = True          # apply the `augment` section to fine-tuning batches
@@ -225,10 +232,18 @@ class Config:
         from .catalogue import gate_metrics  # a leaf: the metric catalogue
         from .training.loop import MONITORS  # the signals live with the loop
         from .training.losses import LOSSES  # registry lives with the losses
+        from .models.heads import HEADS  # registry lives with the heads
 
         gates = gate_metrics()
 
         checks = [
+            (self.model.head in HEADS, f"model.head must be one of {sorted(HEADS)}, got {self.model.head!r}"),
+            (self.model.hierarchy_mode in ("joint", "mask"), f"model.hierarchy_mode must be 'joint' or 'mask', got {self.model.hierarchy_mode!r}"),
+            (self.model.mask_top >= 1, f"model.mask_top must be >= 1, got {self.model.mask_top}"),
+            (all(0 <= r < self.index.h3_resolution for r in self.model.levels),
+             f"model.levels must be H3 resolutions below index.h3_resolution={self.index.h3_resolution}, got {self.model.levels}"),
+            (min(self.train.level_weight, self.train.reg_weight, self.train.hard_negatives) >= 0,
+             "train.level_weight, train.reg_weight and train.hard_negatives must be >= 0"),
             (self.train.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {self.train.loss!r}"),
             (self.eval.gate_metric in gates, f"eval.gate_metric must be one of {gates}, got {self.eval.gate_metric!r}"),
             (self.train.embed_engine in ("onnx", "torch"), f"train.embed_engine must be 'onnx' or 'torch', got {self.train.embed_engine!r}"),

@@ -1,6 +1,8 @@
-"""Models: backbone registry (each owning its preprocessing) and heads."""
+"""Models: backbone registry (each owning its preprocessing), head registry, the model file."""
 from .backbones import BACKBONES, Backbone, Preprocess, create_backbone, is_pretrained, list_backbones
-from .heads import CellHead, GeoModel
+from .heads import HEADS, CellHead, GeoModel, Head, create_head, list_heads, register_head
+from .outputs import Decoded, GeoOutput
 from .checkpoint import load_model, save_model
 
-__all__ = ["BACKBONES", "Backbone", "Preprocess", "create_backbone", "is_pretrained", "list_backbones", "CellHead", "GeoModel", "load_model", "save_model"]
+__all__ = ["BACKBONES", "Backbone", "Preprocess", "create_backbone", "is_pretrained", "list_backbones", "HEADS", "CellHead",
+           "GeoModel", "Head", "create_head", "list_heads", "register_head", "Decoded", "GeoOutput", "load_model", "save_model"]

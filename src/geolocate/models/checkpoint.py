@@ -1,10 +1,13 @@
 """The model file: everything needed to predict, loadable with ``weights_only=True``.
 
-Format ``geolocate-model/1`` (a plain dict of tensors, numbers, strings, lists):
+Format ``geolocate-model/2`` (a plain dict of tensors, numbers, strings, lists):
 ``backbone`` spec, ``backbone_state`` (None when the backbone is the frozen
-pretrained one: its weights come from its package), ``head_state``,
-``num_features``, ``dropout``, ``labels`` (labels.json content: classes with
-cell, centroid, place name), ``preprocess``, ``meta`` (run id, metrics, ...).
+pretrained one: its weights come from its package), ``head`` (registered name) and
+``head_kwargs``, ``head_state``, ``num_features``, ``labels`` (the label space,
+labels.json v2), ``preprocess``, ``meta`` (run id, metrics, ...). So any
+backbone x head x label space combination is rebuilt from the file alone.
+
+A ``geolocate-model/1`` file (linear head, labels v1, no temperature buffer) still loads.
 """
 from __future__ import annotations
 
@@ -15,21 +18,25 @@ import torch
 
 from ..io import atomic_write, one_line, sidecar_path, verify_sidecar  # noqa: F401 - sidecar_path re-exported
 from .backbones import create_backbone
-from .heads import CellHead, GeoModel
+from ..labels import LabelSpace, LabelSpaceError
+from .heads import GeoModel, create_head
 
-FORMAT = "geolocate-model/1"
+FORMAT = "geolocate-model/2"
+FORMATS = ("geolocate-model/1", FORMAT)
 
 
-def save_model(path: str | Path, model: GeoModel, backbone_spec: str, labels: dict, dropout: float,
-               backbone_trained: bool, meta: dict | None = None) -> Path:
+def save_model(path: str | Path, model: GeoModel, backbone_spec: str, labels: LabelSpace | dict, backbone_trained: bool,
+               meta: dict | None = None) -> Path:
     state = {
         "format": FORMAT,
         "backbone": backbone_spec,
         "backbone_state": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()} if backbone_trained else None,
+        "head": model.head.name,
+        "head_kwargs": dict(model.head.kwargs),
         "head_state": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
         "num_features": int(model.backbone.num_features),
-        "dropout": float(dropout),
-        "labels": labels,
+        "dropout": float(model.head.kwargs.get("dropout", 0.0)),
+        "labels": LabelSpace.from_dict(labels).to_dict(),
         "preprocess": model.preprocess.to_dict(),
         "meta": meta or {},
     }
@@ -37,7 +44,7 @@ def save_model(path: str | Path, model: GeoModel, backbone_spec: str, labels: di
 
 
 def load_model(path: str | Path) -> tuple[GeoModel, dict]:
-    """(model in eval mode, the checkpoint dict without weights).
+    """(model in eval mode, the checkpoint dict without weights; ``info["labels"]`` is the v2 labels dict).
 
     Every way a file can be wrong (not a model, a model whose parts do not fit together, bytes that differ from
     the sha256 its sidecar ``<model>.json`` records) is a ValueError with one line naming the file.
@@ -50,19 +57,15 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
         raise ValueError(f"{path}: not a loadable geolocate model ({one_line(e)})") from None
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+    if not isinstance(ck, dict) or ck.get("format") not in FORMATS:
         raise ValueError(f"{path}: not a {FORMAT} file")
     missing = [k for k in _REQUIRED if k not in ck]
     if missing:
-        raise ValueError(f"{path}: a damaged {FORMAT} file: no {', '.join(missing)}")
-    labels = ck["labels"]
-    classes = labels.get("classes") if isinstance(labels, dict) else None
-    n_cls = labels.get("num_classes") if isinstance(labels, dict) else None
-    if not isinstance(classes, list) or not isinstance(n_cls, int) or len(classes) != n_cls or n_cls < 1:
-        raise ValueError(f"{path}: its labels list {len(classes) if isinstance(classes, list) else 'no'} classes "
-                         f"but declare {n_cls!r}: a damaged model file")
-    if not all(isinstance(c, dict) and _CLASS_KEYS <= c.keys() for c in classes):
-        raise ValueError(f"{path}: a class without {', '.join(sorted(_CLASS_KEYS))}: a damaged model file")
+        raise ValueError(f"{path}: a damaged {ck['format']} file: no {', '.join(missing)}")
+    try:
+        labels = LabelSpace.from_dict(ck["labels"], where=str(path))
+    except LabelSpaceError as e:
+        raise ValueError(f"{e}: a damaged model file") from None
     pp = ck["preprocess"]
     if not isinstance(pp, dict) or not {"size", "mean", "std"} <= pp.keys():
         raise ValueError(f"{path}: no usable preprocess (size, mean, std): a damaged model file")
@@ -72,20 +75,30 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
         raise ValueError(f"{path}: {e.args[0]}") from None
     except Exception as e:  # noqa: BLE001 - an optional backbone library that is missing or fails
         raise ValueError(f"{path}: cannot build its backbone {ck['backbone']!r} ({one_line(e)})") from None
+    head_name = str(ck.get("head", "linear"))
+    kwargs = dict(ck.get("head_kwargs") or {"dropout": float(ck.get("dropout", 0.0))})
+    try:
+        head = create_head(head_name, int(ck["num_features"]), labels, **kwargs)
+    except KeyError as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot build its head {head_name!r} ({one_line(e)})") from None
+    head_state = dict(ck["head_state"])
+    if ck["format"] == "geolocate-model/1":  # before the registry: no buffers (temperature was folded into fc)
+        for k, v in head.state_dict().items():
+            head_state.setdefault(k, v)
     try:
         if ck["backbone_state"] is not None:
             backbone.load_state_dict(ck["backbone_state"])
-        head = CellHead(int(ck["num_features"]), n_cls, float(ck["dropout"]))
-        head.load_state_dict(ck["head_state"])
+        head.load_state_dict(head_state)
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
-        raise ValueError(f"{path}: its weights do not fit its backbone {ck['backbone']!r} and {n_cls} classes "
-                         f"({one_line(e)})") from None
+        raise ValueError(f"{path}: its weights do not fit its backbone {ck['backbone']!r}, head {head_name!r} and "
+                         f"{labels.num_classes} classes ({one_line(e)})") from None
     model = GeoModel(backbone, head).eval()
     info = {k: v for k, v in ck.items() if k not in ("backbone_state", "head_state")}
+    info["labels"] = labels.to_dict()
+    info.setdefault("head", head_name)
     return model, info
 
 
-_CLASS_KEYS = frozenset({"cell", "lat", "lon", "place"})
-_REQUIRED = ("backbone", "backbone_state", "head_state", "num_features", "dropout", "labels", "preprocess")
-
-
+_REQUIRED = ("backbone", "backbone_state", "head_state", "num_features", "labels", "preprocess")

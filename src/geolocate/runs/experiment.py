@@ -26,7 +26,8 @@ from ..index.build import dataset_fingerprint
 from ..geo import haversine_km
 from ..index import IndexPaths, load_index
 from ..io import read_json, write_json, write_parquet
-from ..models import CellHead, GeoModel, create_backbone, is_pretrained, save_model
+from ..labels import LabelSpace
+from ..models import HEADS, GeoModel, create_backbone, create_head, is_pretrained, save_model
 from ..progress import console, tagged
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
@@ -90,10 +91,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     if "split" not in df.columns or df["split"].null_count() == df.height:
         raise FileNotFoundError("no splits: run `geolocate split` first")
     df = df.filter(pl.col("split").is_not_null())
-    class_lat = np.array([c["lat"] for c in labels["classes"]])
-    class_lon = np.array([c["lon"] for c in labels["classes"]])
-    names = [c["place"] for c in labels["classes"]]
-    n_cls = labels["num_classes"]
+    space = label_space(cfg, labels)
+    class_lat, class_lon, names, n_cls = space.lat, space.lon, space.places, space.num_classes
 
     spec = cfg.model.backbone
     pretrained = is_pretrained(spec)
@@ -120,8 +119,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         history.append(row)
         A.write_metrics_csv(run_dir / "metrics.csv", history)
 
-    trainer = Trainer(cfg, class_lat, class_lon, train_counts, run_dir / "checkpoints", on_epoch)
-    head = CellHead(backbone.num_features, n_cls, cfg.model.dropout)
+    trainer = Trainer(cfg, space, train_counts, run_dir / "checkpoints", on_epoch)
+    head = create_head(cfg.model.head, backbone.num_features, space, **HEADS[cfg.model.head].config_kwargs(cfg))
     model = GeoModel(backbone, head)
     finetune_epochs = cfg.train.finetune_epochs if pretrained else max(cfg.train.finetune_epochs, cfg.train.epochs)
     state: dict = {}
@@ -148,28 +147,30 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     metrics, baselines = {}, {"prior": {}, "knn": {}}
     test_rows = None
     calibration = calibrate_head(cfg, head, val, test)
-    split_probs = {}
+    split_probs, split_points = {}, {}
     for name, s in (("val", val), ("test", test)):
         if len(s):
-            with torch.no_grad():
-                split_probs[name] = torch.softmax(head(s.feats), 1).numpy()
-    candidate = choose_refinement(cfg, train, val, split_probs.get("val"), class_lat, class_lon, backbone.cache_name, n_cls)
+            split_probs[name], split_points[name] = decode_split(head, s.feats, class_lat, class_lon)
+    candidate = choose_refinement(cfg, train, val, split_probs.get("val"), split_points.get("val"), backbone.cache_name, n_cls,
+                                   class_lat, class_lon)
     shipped = candidate is not None and candidate.shipped
-    ablation: dict = {"cell_anchor": {}, "refined": {}}
+    ablation: dict = {"cell_anchor": {}, "head_point": {}, "refined": {}}
     for name, s in (("val", val), ("test", test)):
         if len(s) == 0:
             continue
         probs = split_probs[name]
         pred = probs.argmax(1)
         y, la, lo = s.labels.numpy(), s.lat.numpy(), s.lon.numpy()
-        pt_lat, pt_lon = class_lat[pred], class_lon[pred]
-        ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
+        ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred])
+        pt_lat, pt_lon = split_points[name]
+        if head.has_point:
+            ablation["head_point"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
         if candidate is not None:
-            r_lat, r_lon, _ = refine(candidate.gallery, s.feats.numpy(), probs, candidate.params, class_lat, class_lon)
+            r_lat, r_lon = refined_points(candidate, s.feats.numpy(), probs, pt_lat, pt_lon)
             ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon)
             if shipped:
                 pt_lat, pt_lon = r_lat, r_lon
-        metrics[name] = ablation["refined" if shipped else "cell_anchor"][name]
+        metrics[name] = ablation["refined" if shipped else "head_point" if head.has_point else "cell_anchor"][name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
         baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon)
         sc, pla, plo = knn_predict(train.feats.numpy(), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
@@ -203,7 +204,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         gallery = candidate.gallery
         meta["refine"] = {"params": candidate.params.to_dict(), "features": gallery.features, "val_median_km": round(candidate.val_km, 3),
                           "gallery_sha256": gallery.save(gallery_path(model_path)), "gallery_size": len(gallery)}
-    save_model(model_path, model, spec, labels, cfg.model.dropout, backbone_trained, meta)
+    save_model(model_path, model, spec, space, backbone_trained, meta)
 
     # the gate reads validation, like the choice of epoch; test is only reported
     gate_key, gate_split = cfg.eval.gate_metric, "val"
@@ -222,7 +223,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "status": "completed",
         "dataset": {"fingerprint": stats["fingerprint"], "split_fingerprint": split_fp, "images": int(df.height), "cells": n_cls, "h3_resolution": stats["h3_resolution"],
                     "splits": split_counts, "sources": stats.get("sources", {})},
-        "config": {"backbone": spec, "loss": cfg.train.loss, "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs,
+        "config": {"backbone": spec, "head": cfg.model.head, "head_kwargs": dict(head.kwargs),
+                   "levels": [lv.name for lv in space.levels], "loss": cfg.train.loss, "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs,
                    "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "geo_tau_km": cfg.train.geo_tau_km,
                    "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "threads": torch.get_num_threads(),
                    "monitor": cfg.train.monitor, "monitor_ema": cfg.train.monitor_ema, "patience": cfg.train.patience,
@@ -235,7 +237,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "metrics": metrics,
         "baselines": baselines,
         "calibration": calibration,
-        "answer_point": {"refined": shipped, "params": candidate.params.to_dict() if shipped else None,
+        "answer_point": {"refined": shipped, "head_point": bool(head.has_point),
+                         "params": candidate.params.to_dict() if shipped else None,
                          "ablation": {k: v for k, v in ablation.items() if v}},
         "gate": {"metric": gate_key, "split": gate_split, "value": gate_value, "previous": previous, "promoted": promoted},
     }
@@ -258,9 +261,9 @@ def calibrate_head(cfg, head, val: Split, test: Split) -> dict:
         return {"temperature": 1.0, "fitted": False}
     head.eval()
     with torch.no_grad():
-        logits = {n: head(s.feats).double().numpy() for n, s in (("val", val), ("test", test)) if len(s)}
+        logits = {n: head.log_probs(head(s.feats)).double().numpy() for n, s in (("val", val), ("test", test)) if len(s)}
     t = fit_temperature(logits["val"], val.labels.numpy())
-    head.fold_temperature(t)
+    head.set_temperature(t)
     out: dict = {"temperature": round(t, 4), "fitted": True}
     for n, z in logits.items():
         y = (val if n == "val" else test).labels.numpy()
@@ -278,8 +281,9 @@ class Refinement(NamedTuple):
     shipped: bool   # it beat the cell anchors on validation (``eval.refine: auto``), or ``eval.refine`` is ``always``
 
 
-def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class_lon, features: str, n_cls: int) -> Refinement | None:
-    """The best refinement on validation, None when ``eval.refine`` is off."""
+def choose_refinement(cfg, train: Split, val: Split, val_probs, val_points, features: str, n_cls: int,
+                      class_lat: np.ndarray, class_lon: np.ndarray) -> Refinement | None:
+    """The best refinement on validation (against the head's own answer point), None when ``eval.refine`` is off."""
     if cfg.eval.refine == "off" or val_probs is None or len(val) == 0:
         return None
     from ..geo import place_names
@@ -287,13 +291,39 @@ def choose_refinement(cfg, train: Split, val: Split, val_probs, class_lat, class
     la, lo = train.lat.numpy(), train.lon.numpy()
     gallery = Gallery.build(train.feats.numpy(), la, lo, train.labels.numpy(), features, n_cls,
                             places=[p["label"] for p in place_names(zip(la, lo))])
-    params, val_km = choose_params(gallery, val.feats.numpy(), val_probs, val.lat.numpy(), val.lon.numpy(), class_lat, class_lon)
-    pred = val_probs.argmax(1)
-    cell_km = float(np.median(haversine_km(val.lat.numpy(), val.lon.numpy(), class_lat[pred], class_lon[pred])))
+    params, val_km = choose_params(gallery, val.feats.numpy(), val_probs, val.lat.numpy(), val.lon.numpy(), class_lat, class_lon,
+                                   fallback=val_points)
+    head_km = float(np.median(haversine_km(val.lat.numpy(), val.lon.numpy(), *val_points)))
     km = metric("median_km")
-    console.print(f"answer point on validation: cell anchors {km.fmt(cell_km, unit=True)}, refined in the top {params.top_k} cells "
+    console.print(f"answer point on validation: the head's {km.fmt(head_km, unit=True)}, refined in the top {params.top_k} cells "
                   f"(T={params.temperature}, {params.neighbours} neighbours) {km.fmt(val_km, unit=True)}", markup=False, highlight=False)
-    return Refinement(gallery, params, val_km, bool(km.better(val_km, cell_km) or cfg.eval.refine == "always"))
+    return Refinement(gallery, params, val_km, bool(km.better(val_km, head_km) or cfg.eval.refine == "always"))
+
+
+def refined_points(candidate: Refinement, feats: np.ndarray, probs: np.ndarray, pt_lat: np.ndarray, pt_lon: np.ndarray):
+    """Refined answers; where no gallery item lies in the top cells, the head's own point is kept."""
+    r_lat, r_lon, _ = refine(candidate.gallery, feats, probs, candidate.params, fallback=(pt_lat, pt_lon))
+    return r_lat, r_lon
+
+
+def decode_split(head, feats: torch.Tensor, class_lat: np.ndarray, class_lon: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """(calibrated probabilities, (lat, lon) of the head's answer: its regressed point, else the top cell's anchor)."""
+    head.eval()
+    with torch.no_grad():
+        dec = head.decode(head(feats))
+    probs = dec.probabilities.double().numpy()
+    if dec.point is not None:
+        return probs, (dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy())
+    top = probs.argmax(1)
+    return probs, (class_lat[top], class_lon[top])
+
+
+def label_space(cfg, labels: dict) -> LabelSpace:
+    """The index's classes with the coarser levels ``model.levels`` (default: one level up, when there is one)."""
+    space = LabelSpace.from_dict(labels)
+    res = space.h3_resolution
+    wanted = cfg.model.levels or ([res - 1] if res else [])
+    return space.with_levels(wanted) if wanted else space
 
 
 def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, value: float, fingerprint: str) -> tuple[bool, float | None]:

@@ -39,15 +39,15 @@ class OnnxEngine:
         self.output_name = "probabilities" if "probabilities" in self.output_names else self.output_names[-1]
         self._softmax = self.output_name != "probabilities"
         self.has_features = "features" in self.output_names
+        self.has_point = "point" in self.output_names
 
     def run(self, batch) -> dict[str, np.ndarray]:
-        """{"probabilities": (B, C)[, "features": (B, F)]} for a preprocessed batch."""
+        """{"probabilities": (B, C)[, "features": (B, F)][, "point": (B, 2) lat/lon]} for a preprocessed batch."""
         x = np.ascontiguousarray(batch.numpy() if hasattr(batch, "numpy") else batch, dtype=np.float32)
-        names = [self.output_name] + (["features"] if self.has_features else [])
-        outs = self.session.run(names, {self.input_name: x})
+        extra = [n for n in ("features", "point") if n in self.output_names]
+        outs = self.session.run([self.output_name, *extra], {self.input_name: x})
         out = {"probabilities": softmax(outs[0]).astype(np.float32) if self._softmax else outs[0]}
-        if self.has_features:
-            out["features"] = outs[1]
+        out.update(zip(extra, outs[1:]))
         return out
 
     def probabilities(self, batch) -> np.ndarray:
@@ -65,6 +65,7 @@ class TorchEngine:
         self.model = model.eval()
         self.threads = threads or cpu_count()
         self._lock = threading.Lock()
+        self.has_point = bool(model.head.has_point)
 
     has_features = True
 
@@ -77,7 +78,11 @@ class TorchEngine:
             torch.set_num_threads(self.threads)
             try:
                 feats = self.model.backbone(x)
-                return {"probabilities": torch.softmax(self.model.head(feats), dim=1).numpy(), "features": feats.numpy()}
+                dec = self.model.head.decode(self.model.head(feats))
+                out = {"probabilities": dec.probabilities.numpy(), "features": feats.numpy()}
+                if dec.point is not None:
+                    out["point"] = dec.point.double().numpy()
+                return out
             finally:
                 torch.set_num_threads(before)
 

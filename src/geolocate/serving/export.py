@@ -24,7 +24,7 @@ from .engines import OnnxEngine, TorchEngine  # noqa: F401 - re-exported: engine
 ONNX_FORMAT = "geolocate-onnx/2"  # /2: a third output, the backbone features (for refinement)
 TORCHSCRIPT_FORMAT = "geolocate-torchscript/1"
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "probabilities", "features")
+OUTPUT_NAMES = ("logits", "probabilities", "features")  # of a linear head; output_names(model) for any head
 PARITY_TOL = 1e-4
 
 
@@ -32,17 +32,22 @@ class ExportError(RuntimeError):
     """An export that cannot be written or does not reproduce the PyTorch model."""
 
 
+def output_names(model: nn.Module) -> list[str]:
+    """The exports' outputs: ``logits`` (calibrated fine log-probabilities), ``probabilities``, the head's own
+    (``point`` for heads that predict a location), ``features``."""
+    return ["logits", "probabilities", *model.head.output_names, "features"]
+
+
 class ProbabilityModel(nn.Module):
-    """GeoModel -> (logits, softmax probabilities, pooled backbone features); what both exports contain."""
+    """GeoModel -> the head's decode (:meth:`Head.export_outputs`) + pooled backbone features; what both exports contain."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.model.backbone(x)
-        logits = self.model.head(feats)
-        return logits, torch.softmax(logits, dim=1), feats
+        return (*self.model.head.export_outputs(self.model.head(feats)), feats)
 
 
 def _example(info: dict, batch: int = 2) -> torch.Tensor:
@@ -54,7 +59,7 @@ def onnx_bytes(model: nn.Module, info: dict, source_sha256: str | None = None) -
     """Serialise ``model`` to ONNX (opset 17, dynamic batch) with geolocate metadata."""
     import onnx
 
-    data = to_onnx_bytes(ProbabilityModel(model.eval()), _example(info), INPUT_NAME, list(OUTPUT_NAMES))
+    data = to_onnx_bytes(ProbabilityModel(model.eval()), _example(info), INPUT_NAME, output_names(model))
     proto = onnx.load_from_string(data)
     props = {"geolocate_format": ONNX_FORMAT, "geolocate_info": json.dumps(info, separators=(",", ":"))}
     if source_sha256:
@@ -88,9 +93,13 @@ def checked_onnx(model: nn.Module, info: dict, model_path: Path, check: bool = T
     if not check:
         return data, None, None
     engine = OnnxEngine(data, threads)
-    diff = parity(model, engine.probabilities, check_batch(info, images=check_images, preprocess=model.preprocess))
+    batch = check_batch(info, images=check_images, preprocess=model.preprocess)
+    diff = parity(model, engine.probabilities, batch)
     if diff > PARITY_TOL:
         raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {diff:.2e} (> {PARITY_TOL:g}); not written")
+    km = point_parity(model, lambda x: engine.run(x)["point"], batch)
+    if km > POINT_TOL_KM:
+        raise ExportError(f"ONNX export of {model_path}: its answer point differs from PyTorch by {km:.3f} km (> {POINT_TOL_KM:g}); not written")
     return data, engine, diff
 
 
@@ -143,12 +152,30 @@ def check_batch(info: dict, n: int = 4, seed: int = 0, images: list | None = Non
 
 @torch.inference_mode()
 def parity(model: nn.Module, run, batch: torch.Tensor) -> float:
-    """max |p_torch - p_other| over a batch; ``run(batch) -> (B, C) probabilities``."""
-    ref = torch.softmax(model.eval()(batch), dim=1).numpy()
+    """max |p_torch - p_other| over a batch (``run(batch) -> (B, C) probabilities``), through the head's decode."""
+    with torch.no_grad():
+        ref = model.eval().head.decode(model(batch)).probabilities.numpy()
     other = np.asarray(run(batch))
     if other.shape != ref.shape:
         raise ExportError(f"export output shape {other.shape} differs from PyTorch {ref.shape}")
     return float(np.abs(ref - other).max())
+
+
+def point_parity(model: nn.Module, run, batch: torch.Tensor) -> float:
+    """max great-circle km between the PyTorch and the export's answer points (0 for heads without one)."""
+    if not model.head.has_point:
+        return 0.0
+    from ..geo import haversine_km
+
+    with torch.no_grad():
+        ref = model.eval().head.decode(model(batch)).point.double().numpy()
+    other = np.asarray(run(batch), dtype=np.float64)
+    if other.shape != ref.shape:
+        raise ExportError(f"export point shape {other.shape} differs from PyTorch {ref.shape}")
+    return float(haversine_km(ref[:, 0], ref[:, 1], other[:, 0], other[:, 1]).max())
+
+
+POINT_TOL_KM = 0.05
 
 
 def read_onnx_metadata(source: str | Path | bytes) -> dict[str, str]:

@@ -49,7 +49,8 @@ class Prediction:
     true_lon: float | None = None
     error_km: float | None = None
     error: str | None = None
-    point: str | None = None  # "refined": a training location inside the top cells; "cell": the top cell's anchor
+    point: str | None = None  # "refined": a training location inside the top cells; "regressed": the head's offset or
+    # coordinates; "cell": the top cell's anchor
 
     def to_dict(self) -> dict:
         return dc.asdict(self)
@@ -221,7 +222,8 @@ class Geolocator:
         _check_positive("top_k", top_k)
         return self._run([self._prepare(item, truth, name)], top_k)[0]
 
-    def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int, point: tuple | None = None) -> Prediction:
+    def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int, point: tuple | None = None,
+                regressed: np.ndarray | None = None) -> Prediction:
         if not np.isfinite(probs).all():
             pred.error = (f"{pred.source}: the model gave non-finite probabilities (a corrupted model file?); "
                           "no prediction")
@@ -231,6 +233,11 @@ class Geolocator:
                                    lat=float(self.class_lat[i]), lon=float(self.class_lon[i])) for i in order]
         best = pred.top[0]
         pred.lat, pred.lon, pred.confidence, pred.place, pred.point = best.lat, best.lon, best.probability, best.place, "cell"
+        if regressed is not None and np.isfinite(regressed).all():  # the head's own answer point (offset / coordinates)
+            from ..geo import place_name
+
+            pred.lat, pred.lon, pred.point = float(regressed[0]), float(regressed[1]), "regressed"
+            pred.place = place_name(pred.lat, pred.lon)
         if point is not None and point[2] >= 0:
             pred.lat, pred.lon, pred.point = float(point[0]), float(point[1]), "refined"
             if self.gallery.places is not None:
@@ -241,14 +248,17 @@ class Geolocator:
 
     def _run(self, buf: list[tuple[np.ndarray | None, Prediction]], top_k: int) -> list[Prediction]:
         arrays = [a for a, _ in buf if a is not None]
-        points = None
+        points = regressed = None
         try:
             if not arrays:
                 probs = None
-            elif self.gallery is not None and getattr(self.engine, "has_features", False) and hasattr(self.engine, "run"):
+            elif hasattr(self.engine, "run") and (getattr(self.engine, "has_point", False) or
+                                                  (self.gallery is not None and getattr(self.engine, "has_features", False))):
                 out = self.engine.run(np.stack(arrays))
                 probs = out["probabilities"]
-                points = self._refine(out["features"], probs)
+                regressed = out.get("point")
+                if self.gallery is not None and "features" in out:
+                    points = self._refine(out["features"], probs)
             else:
                 probs = self.probabilities(np.stack(arrays))
         except Exception as e:  # noqa: BLE001 - one bad input must not sink the batch: run them one by one
@@ -263,7 +273,8 @@ class Geolocator:
             if a is None:
                 out.append(pred)
             else:
-                out.append(self._finish(pred, probs[j], top_k, None if points is None else points[j]))
+                out.append(self._finish(pred, probs[j], top_k, None if points is None else points[j],
+                                        None if regressed is None else regressed[j]))
                 j += 1
         return out
 

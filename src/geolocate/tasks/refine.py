@@ -101,8 +101,10 @@ class Gallery:
 
 def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params: RefineParams = RefineParams(),
            anchor_lat: np.ndarray | None = None, anchor_lon: np.ndarray | None = None,
-           max_block_bytes: int = 128 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lat, lon, gallery index or -1 where the anchor of the top-1 cell was kept) per query."""
+           max_block_bytes: int = 128 << 20, fallback: tuple[np.ndarray, np.ndarray] | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lat, lon, gallery index or -1) per query; -1 where no gallery item lies in the top cells, and the query
+    keeps its ``fallback`` point (the head's own answer, per query) or else the anchor of its top-1 cell."""
     n = len(query_feats)
     q = np.asarray(query_feats, np.float32)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
@@ -135,7 +137,9 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
             out_lat[s:s + chunk][ok], out_lon[s:s + chunk][ok] = la[ok], lo[ok]
         out_idx[s:s + chunk][ok] = best[ok]
     missing = np.isnan(out_lat)
-    if missing.any():
+    if missing.any() and fallback is not None:
+        out_lat[missing], out_lon[missing] = np.asarray(fallback[0])[missing], np.asarray(fallback[1])[missing]
+    elif missing.any():
         if anchor_lat is None or anchor_lon is None:
             raise ValueError("some queries have no gallery item in their top cells: give the anchors to fall back to")
         top1 = probs.argmax(1)
@@ -159,7 +163,8 @@ def _to_latlon(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choose_params(gallery: Gallery, val_feats, val_probs, val_lat, val_lon, anchor_lat, anchor_lon,
-                  grid_k=(1, 3, 5, 10), grid_t=(0.02, 0.05, 0.1, 0.2), grid_n=(1, 4)) -> tuple[RefineParams, float]:
+                  grid_k=(1, 3, 5, 10), grid_t=(0.02, 0.05, 0.1, 0.2), grid_n=(1, 4),
+                  fallback: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[RefineParams, float]:
     """The parameters with the lowest validation median error (ties: the first in grid order); (params, its km)."""
     from ..geo import haversine_km
 
@@ -168,7 +173,7 @@ def choose_params(gallery: Gallery, val_feats, val_probs, val_lat, val_lon, anch
         for t in grid_t:
             for nb in grid_n:
                 p = RefineParams(k, t, nb)
-                la, lo, _ = refine(gallery, val_feats, val_probs, p, anchor_lat, anchor_lon)
+                la, lo, _ = refine(gallery, val_feats, val_probs, p, anchor_lat, anchor_lon, fallback=fallback)
                 med = float(np.median(haversine_km(val_lat, val_lon, la, lo)))
                 if best is None or med < best[0] - 1e-9:
                     best = (med, p)

@@ -25,7 +25,8 @@ from ..catalogue import better, metric
 from ..geo import geoscore, haversine_km
 from ..io import atomic_write, one_line
 from ..progress import progress_bar
-from .losses import LOSSES, LossContext, class_weights_from_counts
+from .losses import LossContext, class_weights_from_counts
+from .sampling import epoch_order, hard_negative_weights
 
 
 def seed_everything(seed: int) -> None:
@@ -130,25 +131,37 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 
 class Trainer:
-    def __init__(self, cfg, class_lat: np.ndarray, class_lon: np.ndarray, train_counts: np.ndarray, ckpt_dir: Path,
-                 on_epoch: Callable[[dict], None] | None = None):
+    """Trains a registered head (frozen phase) or backbone + head (fine-tuning) on one label space; every loss and
+    validation number goes through the head's own ``loss`` and ``decode``."""
+
+    def __init__(self, cfg, labels, train_counts: np.ndarray, ckpt_dir: Path, on_epoch: Callable[[dict], None] | None = None):
+        from ..labels import LabelSpace
+
         self.cfg = cfg
         self.tc = cfg.train
-        self.class_lat = torch.as_tensor(class_lat, dtype=torch.float64)
-        self.class_lon = torch.as_tensor(class_lon, dtype=torch.float64)
+        self.labels = LabelSpace.from_dict(labels)
+        self.class_lat = torch.as_tensor(self.labels.lat, dtype=torch.float64)
+        self.class_lon = torch.as_tensor(self.labels.lon, dtype=torch.float64)
         cw = class_weights_from_counts(torch.as_tensor(train_counts)) if self.tc.class_weights else None
-        self.ctx = LossContext(self.class_lat, self.class_lon, cw, self.tc.geo_tau_km, self.tc.geo_mix_ce)
-        self.loss_fn = LOSSES[self.tc.loss]
+        self.ctx = LossContext(self.class_lat, self.class_lon, cw, self.tc.geo_tau_km, self.tc.geo_mix_ce, self.tc.loss,
+                               self.tc.level_weight, self.tc.reg_weight)
         self.ckpt_dir = Path(ckpt_dir)
         self.on_epoch = on_epoch or (lambda row: None)
 
     # ---- evaluation on a split ------------------------------------------------
-    def val_metrics(self, logits: torch.Tensor, split: Split) -> dict:
-        pred = logits.argmax(1)
-        d = haversine_km(split.lat.numpy(), split.lon.numpy(), self.class_lat[pred].numpy(), self.class_lon[pred].numpy())
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    def val_metrics(self, head: nn.Module, out, split: Split) -> dict:
+        """Validation numbers of one ``GeoOutput`` on ``split``, through the head's decode (its answer point)."""
+        dec = head.decode(out)
+        lp = dec.log_probs
+        pred = lp.argmax(1)
+        if dec.point is not None:
+            pt_lat, pt_lon = dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy()
+        else:
+            pt_lat, pt_lon = self.class_lat[pred].numpy(), self.class_lon[pred].numpy()
+        d = haversine_km(split.lat.numpy(), split.lon.numpy(), pt_lat, pt_lon)
+        top5 = lp.topk(min(5, lp.shape[1]), dim=1).indices
         return {
-            "val_loss": float(self.loss_fn(logits, split.labels, split.lat, split.lon, self.ctx)),
+            "val_loss": float(head.loss(out, split.labels, split.lat, split.lon, self.ctx)),
             "val_top1": float((pred == split.labels).float().mean()),
             "val_top5": float((top5 == split.labels[:, None]).any(1).float().mean()),
             "val_median_km": float(np.median(d)),
@@ -159,18 +172,25 @@ class Trainer:
     def fit_head(self, head: nn.Module, train: Split, val: Split, resume: dict | None = None) -> dict:
         def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + epoch)
-            perm = torch.randperm(len(train), generator=g)
+            weights = None
+            if self.tc.hard_negatives > 0 and epoch > 1:  # the confusions of the head as it enters this epoch
+                with torch.no_grad():
+                    head.eval()
+                    pred = head.decode(head(train.feats)).log_probs.argmax(1).numpy()
+                    head.train()
+                weights = hard_negative_weights(pred, train.labels.numpy(), self.labels.num_classes, self.tc.hard_negatives)
+            perm = epoch_order(len(train), g, weights)
             for s in range(0, len(train), self.tc.batch_size):
                 idx = perm[s:s + self.tc.batch_size]
                 yield train.feats[idx], idx
 
         @torch.no_grad()
-        def evaluate() -> torch.Tensor:
+        def evaluate():
             head.eval()
             return head(val.feats)
 
         opt = torch.optim.AdamW(head.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
-        return self._run("frozen", self.tc.epochs, head, opt, batches, train, val, evaluate, resume)
+        return self._run("frozen", self.tc.epochs, head, head, opt, batches, train, val, evaluate, resume)
 
     def fit_finetune(self, model: nn.Module, train: Split, val: Split,
                      batch_fn: Callable[[nn.Module, list[str], bool, torch.Generator | None], torch.Tensor],
@@ -193,9 +213,10 @@ class Trainer:
                 yield batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g), idx
 
         @torch.no_grad()
-        def evaluate() -> torch.Tensor:
+        def evaluate():
             model.eval()
-            return torch.cat([model(batch_fn(model, val.paths[s:s + 64], False, None)) for s in range(0, len(val), 64)])
+            feats = torch.cat([model.backbone(batch_fn(model, val.paths[s:s + 64], False, None)) for s in range(0, len(val), 64)])
+            return model.head(feats)
 
         opt = torch.optim.AdamW([
             {"params": model.head.parameters(), "lr": self.tc.lr},
@@ -204,9 +225,9 @@ class Trainer:
         beat = None
         if resume is None and start and start.get("best") is not None:
             beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        return self._run("finetune", epochs, model, opt, batches, train, val, evaluate, resume, history, beat)
+        return self._run("finetune", epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
 
-    def _run(self, phase: str, epochs: int, module: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
+    def _run(self, phase: str, epochs: int, module: nn.Module, head: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
              history: list | None = None, start: tuple[dict, dict] | None = None) -> dict:
         """The epoch loop shared by both phases; ``start`` = (stopper state, weights) of a model this phase must beat.
 
@@ -242,8 +263,7 @@ class Trainer:
                 module.train()
                 total, count = 0.0, 0
                 for x, idx in batches(epoch):
-                    logits = module(x)
-                    loss = self.loss_fn(logits, train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
+                    loss = head.loss(module(x), train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if self.tc.grad_clip > 0:
@@ -252,7 +272,7 @@ class Trainer:
                     sched.step()
                     total += loss.item() * len(idx)
                     count += len(idx)
-                row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(evaluate(), val),
+                row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(head, evaluate(), val),
                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
                 state["history"].append(row)
                 if stopper.update(row):

@@ -1,4 +1,4 @@
-"""Losses over cell logits, by name.
+"""Classification losses over fine-cell log-probabilities (or logits), by name; the heads add their own terms.
 
 - ``ce``: cross-entropy with optional class weights.
 - ``geo``: haversine-smoothed soft targets (PIGEON): the target mass on class
@@ -13,14 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..geo import EARTH_RADIUS_KM
-
-
-def haversine_torch(lat1: torch.Tensor, lon1: torch.Tensor, lat2: torch.Tensor, lon2: torch.Tensor) -> torch.Tensor:
-    """Distance in km (degrees in, broadcasting like numpy)."""
-    lat1, lon1, lat2, lon2 = (torch.deg2rad(t.to(torch.float64)) for t in (lat1, lon1, lat2, lon2))
-    a = torch.sin((lat2 - lat1) / 2) ** 2 + torch.cos(lat1) * torch.cos(lat2) * torch.sin((lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * torch.asin(torch.sqrt(a.clamp(0, 1)))
+from ..models.outputs import haversine_torch  # noqa: F401 - re-exported
 
 
 def geo_soft_targets(lat: torch.Tensor, lon: torch.Tensor, class_lat: torch.Tensor, class_lon: torch.Tensor, tau_km: float) -> torch.Tensor:
@@ -30,11 +23,19 @@ def geo_soft_targets(lat: torch.Tensor, lon: torch.Tensor, class_lat: torch.Tens
 
 
 class LossContext:
-    """What a loss may need besides logits and labels."""
+    """What a head's loss may need besides its output and the targets: the classification loss ``name``
+    (``cell_loss``), class anchors and weights, and the weights of the heads' extra terms."""
 
-    def __init__(self, class_lat: torch.Tensor, class_lon: torch.Tensor, class_weights: torch.Tensor | None, tau_km: float, mix_ce: float):
+    def __init__(self, class_lat: torch.Tensor, class_lon: torch.Tensor, class_weights: torch.Tensor | None, tau_km: float,
+                 mix_ce: float, name: str = "geo", level_weight: float = 0.5, reg_weight: float = 1.0):
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(sorted(LOSSES))}")
         self.class_lat, self.class_lon = class_lat, class_lon
         self.class_weights, self.tau_km, self.mix_ce = class_weights, tau_km, mix_ce
+        self.name, self.level_weight, self.reg_weight = name, float(level_weight), float(reg_weight)
+
+    def cell_loss(self, log_probs: torch.Tensor, labels: torch.Tensor, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
+        return LOSSES[self.name](log_probs, labels, lat, lon, self)
 
 
 def ce_loss(logits, labels, lat, lon, ctx: LossContext) -> torch.Tensor:
