@@ -45,6 +45,8 @@ class EarthConfig:
     min_land_fraction: float = 0.6
     max_abs_lat: float = 72.0
     seed: int = 0
+    views: int = 1                 # 1: one patch per place; 4: patches offset N/E/S/W around it (one multi-view sample)
+    view_offset_km: float = 0.0    # how far each view's centre lies from the place (0 = half of patch_km)
 
 
 @dc.dataclass
@@ -110,6 +112,9 @@ class ModelConfig:
     levels: list[int] = dc.field(default_factory=list)  # coarser H3 levels of the label space (hierarchical head); [] = one level up
     hierarchy_mode: str = "joint"  # hierarchical head: "joint" p(parent)·p(cell | parent), or "mask" (cells outside the top parents get 0)
     mask_top: int = 3              # hierarchical "mask": parents kept
+    fusion: str = "none"           # "none": one index row is one sample; a registered fusion (average, concat, attention,
+                                   # weighted: geolocate.models.fusion) makes the views of a group_id one sample
+    views: list[str] = dc.field(default_factory=list)  # views used (rows of other views left out), in slot order; [] = all present
 
 
 @dc.dataclass
@@ -233,6 +238,7 @@ class Config:
         from .training.loop import MONITORS  # the signals live with the loop
         from .training.losses import LOSSES  # registry lives with the losses
         from .models.heads import HEADS  # registry lives with the heads
+        from .models.fusion import FUSIONS  # ... and the fusions with the fusions
 
         gates = gate_metrics()
 
@@ -240,6 +246,12 @@ class Config:
             (self.model.head in HEADS, f"model.head must be one of {sorted(HEADS)}, got {self.model.head!r}"),
             (self.model.hierarchy_mode in ("joint", "mask"), f"model.hierarchy_mode must be 'joint' or 'mask', got {self.model.hierarchy_mode!r}"),
             (self.model.mask_top >= 1, f"model.mask_top must be >= 1, got {self.model.mask_top}"),
+            (self.model.fusion == "none" or self.model.fusion in FUSIONS,
+             f"model.fusion must be 'none' or one of {sorted(FUSIONS)}, got {self.model.fusion!r}"),
+            (self.model.fusion == "none" or (self.train.finetune_epochs == 0 and self.augment.copies == 0),
+             "model.fusion trains over cached embeddings only: set train.finetune_epochs: 0 and augment.copies: 0"),
+            (len(set(self.model.views)) == len(self.model.views) and all(self.model.views),
+             f"model.views must name distinct, non-empty views, got {self.model.views}"),
             (all(0 <= r < self.index.h3_resolution for r in self.model.levels),
              f"model.levels must be H3 resolutions below index.h3_resolution={self.index.h3_resolution}, got {self.model.levels}"),
             (min(self.train.level_weight, self.train.reg_weight, self.train.hard_negatives) >= 0,
@@ -271,6 +283,9 @@ class Config:
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),
+            (self.source.earth.views in (1, 4), f"source.earth.views must be 1 or 4 (N/E/S/W), got {self.source.earth.views}"),
+            (math.isfinite(self.source.earth.view_offset_km) and self.source.earth.view_offset_km >= 0,
+             f"source.earth.view_offset_km must be a finite number >= 0 (0 = half a patch), got {self.source.earth.view_offset_km}"),
             (self.augment.domain in ("auto", "aerial", "street"), f"augment.domain must be 'auto', 'aerial' or 'street', got {self.augment.domain!r}"),
             *((lo <= getattr(self.augment, k) <= hi, f"augment.{k} must be in [{lo:g}, {hi:g}], got {getattr(self.augment, k)}")
               for k, (lo, hi) in AUGMENT_RANGES.items()),

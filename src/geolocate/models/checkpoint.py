@@ -4,8 +4,9 @@ Format ``geolocate-model/2`` (a plain dict of tensors, numbers, strings, lists):
 ``backbone`` spec, ``backbone_state`` (None when the backbone is the frozen
 pretrained one: its weights come from its package), ``head`` (registered name) and
 ``head_kwargs``, ``head_state``, ``num_features``, ``labels`` (the label space,
-labels.json v2), ``preprocess``, ``meta`` (run id, metrics, ...). So any
-backbone x head x label space combination is rebuilt from the file alone.
+labels.json v2), ``preprocess``, ``meta`` (run id, metrics, ...), and for a multi-view model ``fusion``
+(registered name, None for a single-view model), ``fusion_kwargs`` (its view slots among them) and
+``fusion_state``. So any backbone x fusion x head x label space combination is rebuilt from the file alone.
 
 A ``geolocate-model/1`` file (linear head, labels v1, no temperature buffer) still loads.
 """
@@ -19,6 +20,7 @@ import torch
 from ..io import atomic_write, one_line, sidecar_path, verify_sidecar  # noqa: F401 - sidecar_path re-exported
 from .backbones import create_backbone
 from ..labels import LabelSpace, LabelSpaceError
+from .fusion import create_fusion
 from .heads import GeoModel, create_head
 
 FORMAT = "geolocate-model/2"
@@ -39,7 +41,12 @@ def save_model(path: str | Path, model: GeoModel, backbone_spec: str, labels: La
         "labels": LabelSpace.from_dict(labels).to_dict(),
         "preprocess": model.preprocess.to_dict(),
         "meta": meta or {},
+        "fusion": None,
     }
+    fusion = getattr(model, "fusion", None)
+    if fusion is not None:
+        state.update(fusion=fusion.name, fusion_kwargs=dict(fusion.kwargs),
+                     fusion_state={k: v.detach().cpu() for k, v in fusion.state_dict().items()})
     return atomic_write(path, lambda p: torch.save(state, p), suffix=".pt")
 
 
@@ -75,10 +82,19 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
         raise ValueError(f"{path}: {e.args[0]}") from None
     except Exception as e:  # noqa: BLE001 - an optional backbone library that is missing or fails
         raise ValueError(f"{path}: cannot build its backbone {ck['backbone']!r} ({one_line(e)})") from None
+    fusion = None
+    if ck.get("fusion"):
+        try:
+            fusion = create_fusion(str(ck["fusion"]), int(ck["num_features"]), **dict(ck.get("fusion_kwargs") or {}))
+            fusion.load_state_dict(dict(ck.get("fusion_state") or {}))
+        except KeyError as e:
+            raise ValueError(f"{path}: {e.args[0]}") from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: cannot build its fusion {ck['fusion']!r} ({one_line(e)})") from None
     head_name = str(ck.get("head", "linear"))
     kwargs = dict(ck.get("head_kwargs") or {"dropout": float(ck.get("dropout", 0.0))})
     try:
-        head = create_head(head_name, int(ck["num_features"]), labels, **kwargs)
+        head = create_head(head_name, fusion.out_features if fusion is not None else int(ck["num_features"]), labels, **kwargs)
     except KeyError as e:
         raise ValueError(f"{path}: {e.args[0]}") from None
     except (TypeError, ValueError) as e:
@@ -94,8 +110,8 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
         raise ValueError(f"{path}: its weights do not fit its backbone {ck['backbone']!r}, head {head_name!r} and "
                          f"{labels.num_classes} classes ({one_line(e)})") from None
-    model = GeoModel(backbone, head).eval()
-    info = {k: v for k, v in ck.items() if k not in ("backbone_state", "head_state")}
+    model = GeoModel(backbone, head, fusion).eval()
+    info = {k: v for k, v in ck.items() if k not in ("backbone_state", "head_state", "fusion_state")}
     info["labels"] = labels.to_dict()
     info.setdefault("head", head_name)
     return model, info

@@ -286,20 +286,33 @@ CellHead = LinearHead
 
 
 class GeoModel(nn.Module):
-    """Backbone + head: preprocessed images (B, 3, H, W) -> ``GeoOutput``."""
+    """Backbone [+ view fusion] + head: preprocessed images (B, 3, H, W), or multi-view samples (B, V, 3, H, W) with a
+    view mask (B, V) for a model with a ``fusion`` (``geolocate.models.fusion``) -> ``GeoOutput``. A fused model
+    given single images reads each as a sample whose first view is all it has."""
 
-    def __init__(self, backbone: Backbone, head: Head):
+    def __init__(self, backbone: Backbone, head: Head, fusion: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.fusion = fusion
 
     @property
     def preprocess(self):
         return self.backbone.preprocess
 
-    def forward(self, x: torch.Tensor) -> GeoOutput:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, view_mask: torch.Tensor | None = None) -> GeoOutput:
+        if x.dim() == 5:
+            if self.fusion is None:
+                raise ValueError("multi-view images (batch, views, 3, H, W) need a model trained with a fusion (model.fusion)")
+            b, v = x.shape[:2]
+            return self.head(self.fusion(self.backbone(x.flatten(0, 1)).reshape(b, v, -1), view_mask))
+        return self.head(self.head_input(self.backbone(x)))
 
-    def decode(self, x: torch.Tensor) -> Decoded:
+    def head_input(self, feats: torch.Tensor) -> torch.Tensor:
+        """Backbone features of single images (B, F) -> what the head reads: the features themselves, or their fusion
+        as one-view samples (the same numbers for ``average``/``weighted``/``attention``; slot 0 of ``concat``)."""
+        return feats if self.fusion is None else self.fusion(feats[:, None])
+
+    def decode(self, x: torch.Tensor, view_mask: torch.Tensor | None = None) -> Decoded:
         """Images -> the head's decode (calibrated probabilities, answer point)."""
-        return self.head.decode(self(x))
+        return self.head.decode(self(x, view_mask))

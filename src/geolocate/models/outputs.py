@@ -26,6 +26,14 @@ class GeoOutput:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return GeoOutput({k: v[rows] for k, v in self.logits.items()}, pick(self.features), pick(self.offset), pick(self.coords))
 
+    @classmethod
+    def cat(cls, outs: "list[GeoOutput]") -> "GeoOutput":
+        """The outputs of consecutive batches as one (``take``'s inverse)."""
+        if len(outs) == 1:
+            return outs[0]
+        join = lambda name: None if getattr(outs[0], name) is None else torch.cat([getattr(o, name) for o in outs])  # noqa: E731
+        return cls({k: torch.cat([o.logits[k] for o in outs]) for k in outs[0].logits}, join("features"), join("offset"), join("coords"))
+
 
 @dc.dataclass
 class Decoded:

@@ -27,11 +27,12 @@ from ..geo import haversine_km
 from ..index import IndexPaths, load_index
 from ..io import read_json, write_json, write_parquet
 from ..labels import LabelSpace
-from ..models import HEADS, GeoModel, create_backbone, create_head, is_pretrained, save_model
+from ..models import FUSIONS, HEADS, GeoModel, create_backbone, create_fusion, create_head, is_pretrained, save_model
 from ..progress import console, tagged
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
 from ..training.augment import augment_for, image_batch, with_augmented_copies
+from ..training.dataset import fused_features, group_views, select_views
 from . import artifacts as A
 from .dashboard import write_dashboard
 from .tracking import get_tracker, log_run_safely
@@ -44,11 +45,13 @@ def new_run_id(cfg: Config) -> str:
             f"_{digest}-{secrets.token_hex(3)}")
 
 
-def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str) -> tuple[Split, np.ndarray]:
+def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str, view_mask: np.ndarray | None = None) -> tuple[Split, np.ndarray]:
+    """One split of the sample frame (``df``: index rows, or one row per multi-view sample with ``view_mask``)."""
     mask = (df["split"] == name).to_numpy()
     s = Split(labels=torch.as_tensor(df["label"].to_numpy()[mask], dtype=torch.long),
               lat=torch.as_tensor(df["lat"].to_numpy()[mask]), lon=torch.as_tensor(df["lon"].to_numpy()[mask]),
-              feats=torch.as_tensor(feats[mask]) if feats is not None else None, paths=df["path"].to_numpy()[mask].tolist())
+              feats=torch.as_tensor(feats[mask]) if feats is not None else None, paths=df["path"].to_numpy()[mask].tolist(),
+              view_mask=torch.as_tensor(view_mask[mask]) if view_mask is not None else None)
     return s, mask
 
 
@@ -90,7 +93,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     df, labels, stats = load_index(cfg)
     if "split" not in df.columns or df["split"].null_count() == df.height:
         raise FileNotFoundError("no splits: run `geolocate split` first")
-    df = df.filter(pl.col("split").is_not_null())
+    df = select_views(df.filter(pl.col("split").is_not_null()), cfg.model.views)
     space = label_space(cfg, labels)
     class_lat, class_lon, names, n_cls = space.lat, space.lon, space.places, space.num_classes
 
@@ -106,9 +109,19 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
             console.print(tagged("warning", f"{(~ok).sum()} unreadable images left out of this run"))
             df, feats = df.filter(pl.Series(ok)), feats[ok]
             ids, paths = df["id"].to_list(), df["path"].to_list()
-    train, mtr = _split(df, feats, "train")
-    val, mva = _split(df, feats, "val")
-    test, mte = _split(df, feats, "test")
+    # the samples: index rows, or (model.fusion) the views of each group_id, fused over their cached embeddings
+    samples, frame, sample_feats, view_mask = None, df, feats, None
+    if cfg.model.fusion != "none":
+        if not pretrained:
+            raise ValueError(f"model.fusion fuses cached embeddings of a pretrained backbone; {spec!r} trains from scratch")
+        samples = group_views(df, cfg.model.views)
+        frame = samples.frame
+        sample_feats, view_mask = samples.gather(np.nan_to_num(feats))
+        console.print(f"samples: {len(samples)} of up to {len(samples.slots)} views ({', '.join(samples.slots)}), "
+                      f"{int(view_mask.sum())} images", markup=False, highlight=False)
+    train, mtr = _split(frame, sample_feats, "train", view_mask)
+    val, mva = _split(frame, sample_feats, "val", view_mask)
+    test, mte = _split(frame, sample_feats, "test", view_mask)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"empty split: train={len(train)} val={len(val)}; add data or change index.split_ratios")
     train_counts = np.bincount(train.labels.numpy(), minlength=n_cls)
@@ -120,16 +133,25 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         A.write_metrics_csv(run_dir / "metrics.csv", history)
 
     trainer = Trainer(cfg, space, train_counts, run_dir / "checkpoints", on_epoch)
-    head = create_head(cfg.model.head, backbone.num_features, space, **HEADS[cfg.model.head].config_kwargs(cfg))
-    model = GeoModel(backbone, head)
+    fusion = None
+    if samples is not None:
+        with torch.random.fork_rng():  # the head starts from the same weights with or without a fusion
+            fusion = create_fusion(cfg.model.fusion, backbone.num_features, samples.slots, **FUSIONS[cfg.model.fusion].config_kwargs(cfg))
+    head_in = fusion.out_features if fusion is not None else backbone.num_features
+    head = create_head(cfg.model.head, head_in, space, **HEADS[cfg.model.head].config_kwargs(cfg))
+    model = GeoModel(backbone, head, fusion)
     finetune_epochs = cfg.train.finetune_epochs if pretrained else max(cfg.train.finetune_epochs, cfg.train.epochs)
     state: dict = {}
     augment = augment_for(cfg, stats.get("sources", {}))  # training only: copies of the train split's embeddings, fine-tuning batches
     if pretrained and not (resume_state and resume_state["phase"] == "finetune"):
-        fit_train = with_augmented_copies(train, backbone, df["id"].to_numpy()[mtr].tolist(), train.paths, cache_dir, augment,
+        fit_train = with_augmented_copies(train, backbone, frame["id"].to_numpy()[mtr].tolist(), train.paths, cache_dir, augment,
                                           cfg.augment.copies, cfg.train.embed_engine)
-        state = trainer.fit_head(head, fit_train, val, resume_state)
+        state = trainer.fit_head(head, fit_train, val, resume_state, fusion=fusion)
         history[:] = state["history"]
+    if fusion is not None:  # from here on every split is its fused features: what the trained head reads
+        fusion.eval()
+        for s in (train, val, test):
+            s.feats, s.view_mask = fused_features(fusion, s), None
     if finetune_epochs > 0:
         state = trainer.fit_finetune(model, train, val, lambda m, p, aug, g: image_batch(m.preprocess, p, augment if aug else None, g),
                                      epochs=finetune_epochs, backbone_lr_mult=cfg.train.finetune_lr_mult if pretrained else 1.0,
@@ -179,7 +201,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         if name == "test":
             d_model = haversine_km(la, lo, pt_lat, pt_lon)
             test_rows = pl.DataFrame({
-                "id": df["id"].to_numpy()[mte], "lat": la, "lon": lo, "label": y, "pred_label": pred,
+                "id": frame["id"].to_numpy()[mte], "lat": la, "lon": lo, "label": y, "pred_label": pred,
                 "pred_lat": pt_lat, "pred_lon": pt_lon, "prob": probs.max(1), "error_km": d_model,
                 "knn_lat": pla, "knn_lon": plo, "knn_error_km": haversine_km(la, lo, pla, plo),
                 "prior_error_km": haversine_km(la, lo, prior_lat, prior_lon),
@@ -221,9 +243,11 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(time.time() - t_start, 2),
         "status": "completed",
-        "dataset": {"fingerprint": stats["fingerprint"], "split_fingerprint": split_fp, "images": int(df.height), "cells": n_cls, "h3_resolution": stats["h3_resolution"],
+        "dataset": {"fingerprint": stats["fingerprint"], "split_fingerprint": split_fp, "images": int(df.height),
+                    "samples": int(frame.height), "views": ",".join(samples.slots) if samples is not None else "",
+                    "cells": n_cls, "h3_resolution": stats["h3_resolution"],
                     "splits": split_counts, "sources": stats.get("sources", {})},
-        "config": {"backbone": spec, "head": cfg.model.head, "head_kwargs": dict(head.kwargs),
+        "config": {"backbone": spec, "head": cfg.model.head, "head_kwargs": dict(head.kwargs), "fusion": cfg.model.fusion,
                    "levels": [lv.name for lv in space.levels], "loss": cfg.train.loss, "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs,
                    "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "geo_tau_km": cfg.train.geo_tau_km,
                    "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "threads": torch.get_num_threads(),

@@ -77,7 +77,7 @@ class TorchEngine:
             before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
             try:
-                feats = self.model.backbone(x)
+                feats = self.model.head_input(self.model.backbone(x))
                 dec = self.model.head.decode(self.model.head(feats))
                 out = {"probabilities": dec.probabilities.numpy(), "features": feats.numpy()}
                 if dec.point is not None:

@@ -46,7 +46,7 @@ class ProbabilityModel(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = self.model.backbone(x)
+        feats = self.model.head_input(self.model.backbone(x))
         return (*self.model.head.export_outputs(self.model.head(feats)), feats)
 
 

@@ -39,6 +39,7 @@ class ImageRecord:
     license: str | None = None
     heading: float | None = None     # compass degrees, if known
     view: str | None = None          # N/E/S/W for multi-view rows, else None
+    group_id: str | None = None      # the sample (one location) a multi-view row belongs to; None = a sample of its own
 
     def to_dict(self) -> dict:
         return dc.asdict(self)

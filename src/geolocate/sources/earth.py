@@ -16,6 +16,11 @@ same place and sequence, so a split keeps a place's renderings together. The
 to ``data/records_heldout/earth.jsonl``, which the index never reads: a rendering
 no model trains on, for robustness checks.
 
+With ``views: 4`` every place in every rendering becomes one *multi-view sample*: four patches whose centres lie
+``view_offset_km`` (default half a patch) north, east, south and west of the place, records with ``view`` = N/E/S/W,
+``heading`` the bearing of the offset, one ``group_id`` (the sample) and the place's sequence, all labelled by the
+place's centre. A sequence-aware split therefore never separates the views of a sample.
+
 Places come in *sequences*: a sequence is ``sequence_size`` places that
 wander up to ``sequence_spread_km`` from one centre, like one drive of a
 street-view car. A sequence-aware split therefore keeps test regions unseen.
@@ -128,11 +133,24 @@ def destination(lat: float, lon: float, bearing_deg: float, dist_km: float) -> t
     return float(np.degrees(la2)), float((np.degrees(lo2) + 540.0) % 360.0 - 180.0)
 
 
+VIEW_BEARINGS = {"N": 0.0, "E": 90.0, "S": 180.0, "W": 270.0}  # the views of a multi-view sample, in slot order
+
+
+def view_cuts(ec, lat: float, lon: float) -> list[tuple[str | None, float, float]]:
+    """(view, centre lat, centre lon) of each patch of a place: the place itself (view None) when ``ec.views`` is 1,
+    else one patch ``view_offset_km`` (0 = half a patch) towards each of N/E/S/W."""
+    if ec.views == 1:
+        return [(None, lat, lon)]
+    dist = ec.view_offset_km or ec.patch_km / 2
+    return [(v, *destination(lat, lon, b, dist)) for v, b in VIEW_BEARINGS.items()]
+
+
 def plan_places(ec) -> list[tuple[str, float, float]]:
-    """Deterministic (sequence_id, lat, lon) for every place: ``count`` images over ``imagery`` renderings, rounded up."""
+    """Deterministic (sequence_id, lat, lon) for every place: ``count`` images over ``imagery`` renderings and
+    ``views`` patches per sample, rounded up."""
     rng = np.random.default_rng(ec.seed)
     sin_max = np.sin(np.radians(ec.max_abs_lat))
-    n_places = -(-ec.count // len(ec.imagery))
+    n_places = -(-ec.count // (len(ec.imagery) * ec.views))
     places: list[tuple[str, float, float]] = []
     for s in range(-(-n_places // ec.sequence_size)):
         while True:  # area-uniform centre on land
@@ -154,7 +172,8 @@ def plan_places(ec) -> list[tuple[str, float, float]]:
 
 
 def plan_patches(ec, imagery: list[str] | None = None) -> list[tuple[str, str, float, float, str]]:
-    """(id, sequence_id, lat, lon, imagery) of every place in each rendering of ``imagery`` (default: ``ec.imagery``)."""
+    """(id, sequence_id, lat, lon, imagery) of every place in each rendering of ``imagery`` (default: ``ec.imagery``);
+    with ``views: 4`` each is a sample whose view patches :func:`write_patches` cuts (:func:`view_cuts`)."""
     return [(f"earth-{p:06d}-{name}", seq, lat, lon, name)
             for p, (seq, lat, lon) in enumerate(plan_places(ec)) for name in (imagery or ec.imagery)]
 
@@ -165,17 +184,21 @@ def cut_patch(ec, lat: float, lon: float, imagery: str, size: int | None = None)
 
 
 def write_patches(ec, plans, out_dir: Path, progress=None) -> list[ImageRecord]:
+    """One record per patch: a plan itself, or (``ec.views`` 4) each of its views, labelled by the plan's centre."""
     records = []
     for rid, seq, lat, lon, imagery in plans:
-        path = out_dir / f"{rid}.jpg"
-        buf = io.BytesIO()
-        Image.fromarray(cut_patch(ec, lat, lon, imagery)).save(buf, format="JPEG", quality=92)
-        write_bytes_if_changed(path, buf.getvalue())  # a rebuild leaves identical patches (and their mtimes) alone
         r = RENDERINGS[imagery]
-        records.append(ImageRecord(id=rid, path=str(path), lat=lat, lon=lon, sequence_id=seq, source="earth",
-                                   creator=r.credit, license=r.license, view=None))
-        if progress:
-            progress(1)
+        for view, clat, clon in view_cuts(ec, lat, lon):
+            vid = f"{rid}-{view}" if view else rid
+            path = out_dir / f"{vid}.jpg"
+            buf = io.BytesIO()
+            Image.fromarray(cut_patch(ec, clat, clon, imagery)).save(buf, format="JPEG", quality=92)
+            write_bytes_if_changed(path, buf.getvalue())  # a rebuild leaves identical patches (and their mtimes) alone
+            records.append(ImageRecord(id=vid, path=str(path), lat=lat, lon=lon, sequence_id=seq, source="earth",
+                                       creator=r.credit, license=r.license, view=view,
+                                       heading=VIEW_BEARINGS[view] if view else None, group_id=rid if view else None))
+            if progress:
+                progress(1)
     return records
 
 

@@ -3,7 +3,7 @@
 Relative paths are resolved against the manifest's folder (not the working
 directory). Rows sharing a ``sequence_id`` stay in one split; multi-view rows
 (``view`` = N/E/S/W, as in street-view competitions) share the sequence of their
-location. Rows with invalid coordinates, a missing or non-regular file, or a
+location and its ``group_id`` (one multi-view sample). Rows with invalid coordinates, a missing or non-regular file, or a
 file that does not decode as a photo (verified like the folder source does)
 are skipped and reported.
 """
@@ -79,12 +79,14 @@ def build_manifest(cfg, out_dir: Path, progress=None) -> SourceResult:
         given_id = str(row["id"]) if row.get("id") not in (None, "") else None
         # record ids are per image: views of one location (same id, or same coordinates) differ by their view
         rid = (f"{given_id}-{view}" if view else given_id) if given_id else stable_id("img", p)
+        # the views of one location (its id, else its coordinates) are one multi-view sample
+        group = (given_id or f"loc-{lat:.6f},{lon:.6f}") if view else None
         seq = row.get("sequence_id")
         if seq in (None, ""):
-            # no sequence given: one location (its id, else its coordinates) is one sequence, so its views stay together
-            seq = given_id or (f"loc-{lat:.6f},{lon:.6f}" if view else rid)
+            # no sequence given: one location is one sequence, so its views stay together
+            seq = group or given_id or rid
         records.append(ImageRecord(id=rid, path=str(p.resolve()), lat=lat, lon=lon, sequence_id=str(seq),
-                                   source="manifest", view=view))
+                                   source="manifest", view=view, group_id=group))
     result = SourceResult(records=records, skipped=skipped)
     save_source_records(cfg, "manifest", result)
     return result

@@ -87,12 +87,16 @@ def early_stopping(tc) -> EarlyStopping:
 
 @dc.dataclass
 class Split:
-    """One split's inputs: features (or image paths for fine-tuning), labels, true positions."""
+    """One split's inputs: features (or image paths for fine-tuning), labels, true positions.
+
+    Single-view samples: ``feats`` (N, F). Multi-view samples: ``feats`` (N, V, F) and ``view_mask`` (N, V); the
+    frozen phase then trains a fusion with the head, over DataLoaders of a ``FeatureDataset``."""
     labels: torch.Tensor
     lat: torch.Tensor
     lon: torch.Tensor
     feats: torch.Tensor | None = None
     paths: list[str] | None = None
+    view_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -169,28 +173,55 @@ class Trainer:
         }
 
     # ---- phases ----------------------------------------------------------------
-    def fit_head(self, head: nn.Module, train: Split, val: Split, resume: dict | None = None) -> dict:
+    def fit_head(self, head: nn.Module, train: Split, val: Split, resume: dict | None = None, fusion: nn.Module | None = None) -> dict:
+        """Train ``head`` on cached features; with ``fusion`` (multi-view splits) the fusion and the head together,
+        batches coming from DataLoaders over ``FeatureDataset`` s (same order and seeds as the single-view path)."""
+        from ..models.fusion import FusedHead
+        from .dataset import FeatureDataset, feature_loader
+
+        if (train.view_mask is not None) != (fusion is not None):
+            raise ValueError("multi-view splits (feats (N, V, F) with a view mask) train with a fusion, and only they do")
+        module = head if fusion is None else FusedHead(fusion, head)
+        train_ds = FeatureDataset.of_split(train) if fusion is not None else None
+
         def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + epoch)
             weights = None
             if self.tc.hard_negatives > 0 and epoch > 1:  # the confusions of the head as it enters this epoch
                 with torch.no_grad():
-                    head.eval()
-                    pred = head.decode(head(train.feats)).log_probs.argmax(1).numpy()
-                    head.train()
+                    module.eval()
+                    pred = head.decode(self.forward_split(module, train)).log_probs.argmax(1).numpy()
+                    module.train()
                 weights = hard_negative_weights(pred, train.labels.numpy(), self.labels.num_classes, self.tc.hard_negatives)
             perm = epoch_order(len(train), g, weights)
-            for s in range(0, len(train), self.tc.batch_size):
-                idx = perm[s:s + self.tc.batch_size]
-                yield train.feats[idx], idx
+            chunks = [perm[s:s + self.tc.batch_size] for s in range(0, len(train), self.tc.batch_size)]
+            if train_ds is None:
+                for idx in chunks:
+                    yield train.feats[idx], idx
+            else:
+                for idx, b in zip(chunks, feature_loader(train_ds, chunks)):
+                    yield (b["features"], b["view_mask"]), idx
 
         @torch.no_grad()
         def evaluate():
-            head.eval()
-            return head(val.feats)
+            module.eval()
+            return self.forward_split(module, val)
 
-        opt = torch.optim.AdamW(head.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
-        return self._run("frozen", self.tc.epochs, head, head, opt, batches, train, val, evaluate, resume)
+        opt = torch.optim.AdamW(module.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        return self._run("frozen", self.tc.epochs, module, head, opt, batches, train, val, evaluate, resume)
+
+    EVAL_BATCH = 4096
+
+    def forward_split(self, module: nn.Module, split: Split):
+        """``module``'s ``GeoOutput`` over a whole split: its features at once (single view), or a DataLoader over
+        its ``FeatureDataset`` (multi-view)."""
+        from ..models.outputs import GeoOutput
+        from .dataset import FeatureDataset, feature_loader, sequential_batches
+
+        if split.view_mask is None:
+            return module(split.feats)
+        loader = feature_loader(FeatureDataset.of_split(split), sequential_batches(len(split), self.EVAL_BATCH))
+        return GeoOutput.cat([module(b["features"], b["view_mask"]) for b in loader])
 
     def fit_finetune(self, model: nn.Module, train: Split, val: Split,
                      batch_fn: Callable[[nn.Module, list[str], bool, torch.Generator | None], torch.Tensor],
@@ -263,7 +294,8 @@ class Trainer:
                 module.train()
                 total, count = 0.0, 0
                 for x, idx in batches(epoch):
-                    loss = head.loss(module(x), train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
+                    out = module(*x) if isinstance(x, tuple) else module(x)
+                    loss = head.loss(out, train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if self.tc.grad_clip > 0:
