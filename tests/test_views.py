@@ -178,6 +178,34 @@ def test_each_fusion_computes_what_it_says():
         cat(torch.zeros(1, 4, 5))
 
 
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_a_fused_model_goes_through_its_file_and_onnx(name, tmp_path):
+    """GeoModel with a fusion: multi-view images, single images (one-view samples), the model file, the ONNX export."""
+    from geolocate.models import GeoModel, create_backbone, create_head, save_model
+    from geolocate.serving.export import PARITY_TOL, check_batch, export_onnx
+
+    ls = LabelSpace.from_anchors([10, -20, 45], [5, 30, -70])
+    bb = create_backbone("small_cnn", pretrained=False)
+    torch.manual_seed(0)
+    fu = perturbed(name, bb.num_features, list("NESW"))
+    model = GeoModel(bb, create_head("linear", fu.out_features, ls), fu).eval()
+    x = check_batch({"preprocess": bb.preprocess.to_dict()}, n=3)
+    views = torch.stack([x, x.flip(-1), x.flip(-2), x], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    path = save_model(tmp_path / "m.pt", model, "small_cnn", ls, backbone_trained=True)
+    loaded, info = load_model(path)
+    assert info["fusion"] == name and type(loaded.fusion) is type(fu)
+    with torch.no_grad():
+        assert torch.allclose(model.decode(views, mask).probabilities, loaded.decode(views, mask).probabilities, atol=1e-6)
+        one = loaded.decode(x).probabilities   # a single image is a sample of its first view
+        first_only = torch.tensor([[1, 0, 0, 0]] * 3, dtype=torch.bool)
+        assert torch.allclose(one, loaded.decode(views, first_only).probabilities, atol=1e-6)
+        if name != "concat":  # one view fused is that view: the head reads the backbone's features unchanged
+            assert torch.allclose(one, loaded.head.decode(loaded.head(loaded.backbone(x))).probabilities, atol=1e-6)
+    _, diff = export_onnx(path)
+    assert diff <= PARITY_TOL
+
+
 # ---- the datasets and the trainer --------------------------------------------------------------------------------
 
 def test_feature_dataset_yields_samples_and_batches():

@@ -83,8 +83,10 @@ class Fusion(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask = self.prepare(x, mask)
         a = self.weights(x, mask) * mask
-        first = mask.to(torch.int8).argmax(dim=1)  # the first present view (slot 0 when none is)
-        ref = x[torch.arange(x.shape[0], device=x.device), first]
+        # the first present view (slot 0 when none is), picked by a one-hot sum: exact, and plain ops for ONNX
+        first = mask.to(x.dtype).argmax(dim=1, keepdim=True)
+        onehot = (torch.arange(x.shape[1], device=x.device)[None] == first).to(x.dtype)
+        ref = (x * onehot[..., None]).sum(dim=1)
         return ref + (a[..., None] * (x - ref[:, None])).sum(dim=1)
 
 
