@@ -122,7 +122,7 @@ def perturbed(name: str, f: int, views) -> torch.nn.Module:
     with torch.no_grad():
         for p in fu.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
-    return fu
+    return fu.eval()
 
 
 @pytest.mark.parametrize("name", sorted(FUSIONS))
@@ -140,7 +140,7 @@ def test_masked_views_contribute_nothing(name):
     # fewer views than slots: the missing slots are absent
     assert torch.equal(fu(x[:, :2], mask[:, :2]), fu(x, mask & torch.tensor([True, True, False, False])))
     # the fusion's record rebuilds it
-    again = create_fusion(name, f, **fu.kwargs)
+    again = create_fusion(name, f, **fu.kwargs).eval()
     again.load_state_dict(fu.state_dict())
     assert torch.equal(again(x, mask), y)
 
@@ -153,6 +153,22 @@ def test_identical_views_fuse_to_that_view_exactly(name):
     assert torch.equal(fu(one[:, None]), one)
     mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(fu(one[:, None].expand(3, 4, 7).contiguous(), mask), one)
+
+
+def test_view_dropout_leaves_views_out_while_training_only():
+    fu = create_fusion("average", 1, list("NESW"), view_dropout=0.5)
+    x = torch.arange(4.0).view(1, 4, 1).expand(2000, 4, 1)
+    mask = torch.ones(2000, 4, dtype=torch.bool)
+    mask[:1000, 1:] = False  # half the samples have one view: it is never dropped
+    torch.manual_seed(0)
+    y = fu.train()(x, mask)[:, 0]
+    assert torch.equal(y[:1000], torch.zeros(1000))
+    kept = fu.drop_views(mask[1000:])
+    assert kept.any(1).all() and 0.4 < kept.float().mean() < 0.6
+    assert y[1000:].unique().numel() > 4  # means of different subsets
+    assert torch.equal(fu.eval()(x, mask)[1000:, 0], torch.full((1000,), 1.5))
+    with pytest.raises(ValueError, match=r"view_dropout must be in \[0, 1\), got 1.0"):
+        create_fusion("weighted", 1, ["N"], view_dropout=1.0)
 
 
 def test_each_fusion_computes_what_it_says():
@@ -168,7 +184,7 @@ def test_each_fusion_computes_what_it_says():
     # slots a:b weigh 1:3 where both are present; c (weight ~0) only counts where it is the only view
     assert torch.allclose(w(x, mask)[0], (x[0, 0] + 3 * x[0, 1]) / 4, atol=1e-5)
     assert torch.allclose(w(x, mask)[1], x[1, 0], atol=1e-5)
-    att = create_fusion("attention", 5, ["a", "b", "c"])
+    att = create_fusion("attention", 5, ["a", "b", "c"]).eval()
     assert torch.allclose(att(x, mask), mean, atol=1e-6)  # starts as the average
     cat = create_fusion("concat", 5, ["a", "b", "c"])
     assert cat.out_features == 15 and torch.equal(cat(x, mask).view(4, 3, 5), x * m)
@@ -299,7 +315,8 @@ def test_fused_run_trains_on_samples_and_its_model_file_rebuilds_the_fusion(fuse
     pred = pl.read_parquet(run_dir / "predictions_test.parquet")
     assert pred.height == s["metrics"]["test"]["n"] and pred["id"].str.contains("-[NESW]$").sum() == 0
     model, info = load_model(run_dir / "checkpoints" / "model.pt")
-    assert info["fusion"] == "attention" and info["fusion_kwargs"] == {"views": ["N", "E", "S", "W"], "hidden": 128}
+    assert info["fusion"] == "attention" and info["fusion_kwargs"] == {"views": ["N", "E", "S", "W"], "view_dropout": 0.25, "hidden": 128,
+                                                                "input_dropout": 0.0, "max_score": 0.5}
     assert model.fusion is not None and model.fusion.slot_bias.abs().sum() > 0  # trained, and saved with its weights
     # the loaded model on the test samples' four images gives the run's answers
     df, _, _ = load_index(cfg)

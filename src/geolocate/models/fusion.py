@@ -5,7 +5,8 @@ Built by name (``create_fusion("attention", in_features, views=["N", "E", "S", "
 features may be anything, NaN included). ``average``, ``weighted`` and ``attention`` return a convex combination of
 the present views, computed as ``ref + sum_v a_v (x_v - ref)`` around the first present view ``ref``: the same
 number as ``sum_v a_v x_v``, and exactly one view's features when every present view is that view. ``concat``
-lays the slots side by side (F' = V x F, absent views as zeros).
+lays the slots side by side (F' = V x F, absent views as zeros). ``view_dropout`` (every fusion; the default of
+``attention`` only) leaves views out at random while training, never all of a sample's.
 
 A fusion records its constructor kwargs in ``kwargs`` so the model file rebuilds it (``geolocate.models.checkpoint``).
 """
@@ -45,13 +46,16 @@ class Fusion(nn.Module):
 
     name = "fusion"
 
-    def __init__(self, in_features: int, views: list[str]):
+    def __init__(self, in_features: int, views: list[str], view_dropout: float = 0.0):
         super().__init__()
         if not views:
             raise ValueError("a fusion needs at least one view slot")
+        if not 0 <= view_dropout < 1:
+            raise ValueError(f"view_dropout must be in [0, 1), got {view_dropout}")
         self.in_features = int(in_features)
         self.views = [str(v) for v in views]
-        self.kwargs: dict = {"views": list(self.views)}
+        self.view_dropout = float(view_dropout)
+        self.kwargs: dict = {"views": list(self.views), "view_dropout": self.view_dropout}
 
     @classmethod
     def config_kwargs(cls, cfg) -> dict:
@@ -80,8 +84,16 @@ class Fusion(nn.Module):
         """(B, V) non-negative weights summing to 1 over the present views (0 for absent ones)."""
         raise NotImplementedError
 
+    def drop_views(self, mask: torch.Tensor) -> torch.Tensor:
+        """Training only: each present view is left out with probability ``view_dropout`` (never all of a sample's)."""
+        if not self.training or self.view_dropout <= 0:
+            return mask
+        keep = mask & (torch.rand(mask.shape, device=mask.device) >= self.view_dropout)
+        return torch.where(keep.any(dim=1, keepdim=True), keep, mask)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask = self.prepare(x, mask)
+        mask = self.drop_views(mask)
         a = self.weights(x, mask) * mask
         # the first present view (slot 0 when none is), picked by a one-hot sum: exact, and plain ops for ONNX
         first = mask.to(x.dtype).argmax(dim=1, keepdim=True)
@@ -107,8 +119,8 @@ class AverageFusion(Fusion):
 class WeightedFusion(Fusion):
     """A learned weight per view slot (softmax over the present ones); starts as the average."""
 
-    def __init__(self, in_features: int, views: list[str]):
-        super().__init__(in_features, views)
+    def __init__(self, in_features: int, views: list[str], view_dropout: float = 0.0):
+        super().__init__(in_features, views, view_dropout)
         self.slot_logits = nn.Parameter(torch.zeros(len(self.views)))
 
     def weights(self, x, mask):
@@ -117,19 +129,31 @@ class WeightedFusion(Fusion):
 
 @register_fusion("attention")
 class AttentionFusion(Fusion):
-    """Attention pooling over the views: score_v = u . tanh(W x_v) + b_slot(v), softmax over the present views, so a
-    view can count more when it looks informative; starts as the average (u and the slot biases are zero)."""
+    """Attention pooling over the views: score_v = c tanh(u . tanh(W x_v) / c) + b_slot(v) (c = ``max_score``, 0 = no
+    cap), softmax over the present views, so a view can count more when it looks informative; starts as the average
+    (u and the slot biases are zero).
 
-    def __init__(self, in_features: int, views: list[str], hidden: int = 128):
-        super().__init__(in_features, views)
-        self.kwargs["hidden"] = int(hidden)
+    Unregularised (no cap, no view dropout) it learned to lean on single views and overfit: validation median
+    1815 km against the average's 806 on the inference benchmark (seed 0). The defaults, a soft cap of 0.5
+    (no view outweighs another by more than e) and ``view_dropout`` 0.25, were chosen on that validation split
+    (seeds 0 and 1): 806 and 806 km, the average 806 and 948."""
+
+    def __init__(self, in_features: int, views: list[str], hidden: int = 128, view_dropout: float = 0.25, input_dropout: float = 0.0,
+                 max_score: float = 0.5):
+        super().__init__(in_features, views, view_dropout)
+        self.kwargs.update(hidden=int(hidden), input_dropout=float(input_dropout), max_score=float(max_score))
+        self.max_score = float(max_score)
+        self.input_dropout = nn.Dropout(float(input_dropout))
         self.proj = nn.Linear(in_features, int(hidden))
         self.score = nn.Linear(int(hidden), 1, bias=False)
         self.slot_bias = nn.Parameter(torch.zeros(len(self.views)))
         nn.init.zeros_(self.score.weight)
 
     def weights(self, x, mask):
-        s = self.score(torch.tanh(self.proj(x))).squeeze(-1) + self.slot_bias
+        s = self.score(torch.tanh(self.proj(self.input_dropout(x)))).squeeze(-1)
+        if self.max_score > 0:  # soft cap: no view outweighs another by more than exp(2 max_score)
+            s = self.max_score * torch.tanh(s / self.max_score)
+        s = s + self.slot_bias
         return masked_softmax(s, mask)
 
 
@@ -142,8 +166,8 @@ class ConcatFusion(Fusion):
         return self.in_features * len(self.views)
 
     def forward(self, x, mask=None):
-        x, _ = self.prepare(x, mask)
-        return x.reshape(x.shape[0], -1)
+        x, mask = self.prepare(x, mask)
+        return x.masked_fill(~self.drop_views(mask)[..., None], 0.0).reshape(x.shape[0], -1)
 
 
 class FusedHead(nn.Module):
