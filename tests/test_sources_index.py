@@ -80,6 +80,9 @@ def test_manifest_source(tmp_path, photos_dir):
     recs = get_source("manifest")(cfg, tmp_path / "raw").records
     assert [r.id for r in recs[:2]] == ["L1-N", "L1-E"] and {r.sequence_id for r in recs[:2]} == {"L1"}
     assert recs[2].sequence_id == recs[3].sequence_id == "loc-10.000000,20.000000" and recs[2].id != recs[3].id
+    # ... and one group_id per location: one multi-view sample (a given sequence does not change it)
+    assert [r.group_id for r in recs] == ["L1", "L1", "loc-10.000000,20.000000", "loc-10.000000,20.000000"]
+    assert {r.group_id for r in res.records} == {"loc-43.460000,11.880000"}
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 nope")
     cfg.source.manifest.path = str(broken)
