@@ -1,0 +1,195 @@
+"""Inference ablation on real pixels: one view vs four fused views (and, as others add them, TTA, ensembles,
+conformal sets, sequences); 3 seeds.
+
+One Earth workspace is built once in a temp folder: ``--locations`` places (default 1500), each cut as four
+``image_size`` 112 patches offset half a patch north, east, south and west of it (``source.earth.views: 4``, one
+rendering, ``shadedrelief``), labelled by the place's centre; a sequence-aware split keeps a sample's views
+together. Embeddings (frozen EfficientNet-Lite0) are cached there once; every row then trains its head on them
+with ``configs/demo.yaml``'s recipe, per seed:
+
+- ``single``: one view per sample, the N view (``model.views: [N]``): what a one-photo model sees;
+- ``single_allviews``: every view as an image of its own for training and evaluation (4x the images, no fusion):
+  separates "more pixels to train on" from "fusing at answer time";
+- ``fused4_average`` / ``fused4_attention`` (default), ``fused4_weighted`` / ``fused4_concat`` (``--variants``):
+  the four views fused before the head (``model.fusion``), trained and evaluated per sample.
+
+Every number is the run's own (``summary.json``: the answer point chosen on validation, ECE after temperature
+scaling fit on validation); test is only reported. Writes ``bench/results/inference_ablation.json``: ``rows`` of
+``{"variant", "seed", "split", "n", "median_km", "p90_km", "geoscore", "ece", "coverage", "mean_set_cells",
+"mean_set_km2"}`` (null where a row does not compute a column: the set columns belong to conformal rows), the
+``summary`` (mean ± std over seeds) and the ``headline`` (fused / single test and val medians; the issue's target
+is fused <= 0.6 x single).
+
+To add rows (TTA, ensembles, conformal sets, sequences): write ``def my_rows(ws: Workspace, seed: int) ->
+dict[split, row]`` and register it in ``VARIANTS``; :func:`run_rows` shows how a run's summary becomes rows.
+
+    python bench/bench_inference.py [--locations 1500] [--seeds 0 1 2] [--variants single fused4_average ...]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses as dc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
+
+from _workspace import build_earth, workspace_config  # noqa: E402
+from geolocate.config import Config  # noqa: E402
+from geolocate.io import write_json  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "inference_ablation.json"
+COLUMNS = ("n", "median_km", "p90_km", "geoscore", "ece", "coverage", "mean_set_cells", "mean_set_km2")
+SPLITS = ("val", "test")
+
+
+@dc.dataclass
+class Workspace:
+    """The built benchmark data: ``cfg`` writes under ``root``; variants copy it and change what they need."""
+    cfg: Config
+    root: Path
+
+    def config(self, seed: int, overrides: dict[str, object]) -> Config:
+        cfg = Config.from_dict(self.cfg.to_dict())
+        cfg.train.seed = seed
+        for k, v in overrides.items():
+            cfg.set(f"{k}={json.dumps(v)}")
+        cfg.validate()
+        return cfg
+
+
+def summary_rows(summary: dict) -> dict[str, dict]:
+    """A run's ``summary.json`` -> {split: row}: its shipped metrics and ECE after calibration."""
+    cal = summary.get("calibration") or {}
+    out = {}
+    for split in SPLITS:
+        m = summary["metrics"][split]
+        out[split] = {"n": m["n"], "median_km": m["median_km"], "p90_km": m["p90_km"], "geoscore": m["geoscore"],
+                      "ece": cal.get(f"{split}_ece_after")}
+    return out
+
+
+def run_rows(overrides: dict[str, object]) -> Callable[[Workspace, int], dict[str, dict]]:
+    """A variant that is one training run with these config overrides."""
+    def rows(ws: Workspace, seed: int) -> dict[str, dict]:
+        from geolocate.runs.experiment import run_experiment
+
+        run_dir = run_experiment(ws.config(seed, overrides))
+        return summary_rows(json.loads((run_dir / "summary.json").read_text()))
+    rows.overrides = overrides  # type: ignore[attr-defined]
+    return rows
+
+
+# variant -> function(workspace, seed) -> {split: row}; add TTA / ensembles / conformal / sequence rows here
+VARIANTS: dict[str, Callable[[Workspace, int], dict[str, dict]]] = {
+    "single": run_rows({"model.views": ["N"]}),
+    "single_allviews": run_rows({}),
+    "fused4_average": run_rows({"model.fusion": "average"}),
+    "fused4_attention": run_rows({"model.fusion": "attention"}),
+    "fused4_weighted": run_rows({"model.fusion": "weighted"}),
+    "fused4_concat": run_rows({"model.fusion": "concat"}),
+}
+DEFAULT = ["single", "single_allviews", "fused4_average", "fused4_attention"]
+
+
+def mean_std(values: list) -> str | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    m, sd = float(np.mean(vals)), float(np.std(vals))
+    return f"{m:,.3f} ± {sd:,.3f}" if abs(m) < 10 else f"{m:,.0f} ± {sd:,.0f}"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for split in SPLITS:
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            sel = [r for r in rows if r["variant"] == variant and r["split"] == split]
+            if sel:
+                out.append({"variant": variant, "split": split, "seeds": len(sel), "n": sel[0]["n"],
+                            **{k: mean_std([r[k] for r in sel]) for k in COLUMNS[1:]}})
+    return out
+
+
+def headline(rows: list[dict], single: str = "single") -> list[dict]:
+    """Fused / single median ratios per split (mean over seeds of each, then the ratio)."""
+    def med(v, split):
+        sel = [r["median_km"] for r in rows if r["variant"] == v and r["split"] == split]
+        return float(np.mean(sel)) if sel else None
+
+    out = []
+    for split in SPLITS:
+        base = med(single, split)
+        if base is not None:
+            out.append({"name": f"{single} median ({split})", "value": round(base, 1), "unit": "km"})
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            m = med(v, split)
+            if v != single and base and m is not None:
+                out.append({"name": f"{v} / {single} median ({split})", "value": round(m / base, 3), "unit": "x (target <= 0.6)"
+                            if v.startswith("fused") else "x"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--locations", type=int, default=1500, help="places; each is a sample of 4 views")
+    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
+    ap.add_argument("--refine", default="off", choices=["auto", "always", "off"],
+                    help="eval.refine of every run (default off: the head's own answer, fusion alone)")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp_s:
+        tmp = Path(tmp_s)
+        base = workspace_config(args.config, tmp, args.locations * 4)
+        ec = base.source.earth
+        ec.views, ec.imagery, ec.heldout_imagery, ec.image_size = 4, ["shadedrelief"], "", args.image_size
+        base.index.split_ratios = [0.7, 0.15, 0.15]  # a test split big enough to report (the demo's 5 % is ~75 samples)
+        base.eval.refine = args.refine
+        base.validate()
+        build_earth(base)
+        ws = Workspace(base, tmp)
+        for seed in args.seeds:
+            for variant in args.variants:
+                t = time.perf_counter()
+                got = VARIANTS[variant](ws, seed)
+                for split in SPLITS:
+                    rows.append({"variant": variant, "seed": seed, "split": split, **{k: got[split].get(k) for k in COLUMNS}})
+                print(f"seed {seed} {variant}: val median {got['val']['median_km']:,.0f} km, test {got['test']['median_km']:,.0f} km "
+                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+    summary = summarise(rows)
+    result = {"benchmark": "inference_ablation",
+              "what": (f"{args.locations} Earth places x 4 views (N/E/S/W, half a patch out, shadedrelief, {args.image_size} px), "
+                       f"split 70/15/15 by sequence, {args.config.name} recipe, eval.refine {args.refine}, seeds {args.seeds} "
+                       "(mean ± std)"),
+              "total_s": round(time.perf_counter() - t0, 1),
+              "headline": headline(rows),
+              "variants": {v: getattr(VARIANTS[v], "overrides", None) for v in args.variants},
+              "summary": summary, "rows": rows}
+    write_json(args.out, result)
+    print("\n| variant | split | n | median km | p90 km | GeoScore | ECE |\n|---|---|---:|---:|---:|---:|---:|")
+    for r in summary:
+        print(f"| {r['variant']} | {r['split']} | {r['n']} | {r['median_km']} | {r['p90_km']} | {r['geoscore']} | {r['ece']} |")
+    for h in result["headline"]:
+        print(f"{h['name']}: {h['value']} {h['unit']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
