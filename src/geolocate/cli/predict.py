@@ -86,7 +86,7 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
                 err_console.print(tagged("warning", f"{p.source}: {p.warning}"), highlight=False, soft_wrap=True)
             if p.abstained:
                 out_console.print(f"{p.source}: abstained: confidence {100 * p.confidence:.1f}% is below --min-confidence "
-                                  f"{100 * min_confidence:.1f}%", markup=False, highlight=False)
+                                  f"{100 * min_confidence:.1f}%", markup=False, highlight=False, soft_wrap=True)
                 continue
             t = Table(title=Text(p.source), title_justify="left")
             for col in ("#", "H3 cell", "place", "confidence", "lat", "lon"):
@@ -101,10 +101,10 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
             out_console.print(line, markup=False)
             if p.regions:
                 out_console.print("regions: " + " · ".join(f"{r.region} {100 * r.probability:.1f}%" for r in p.regions),
-                                  markup=False, highlight=False)
+                                  markup=False, highlight=False, soft_wrap=True)
             if p.prediction_set:
                 out_console.print(f"{100 * p.prediction_set['coverage']:g}% set: {set_sentence(p.prediction_set)}", markup=False,
-                                  highlight=False)
+                                  highlight=False, soft_wrap=True)
     if len(paths) > 1 or bad:
         err_console.print(f"{ok} predicted, {bad} failed")
     if csv_path is not None:
@@ -114,7 +114,8 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
             write_submission(csv_path, rows, len(paths), force=force)
         except SubmissionError as e:
             fail(str(e))
-        err_console.print(f"wrote {csv_path} ({len(rows)} rows: id, region_1..region_5, lat, lon)", markup=False, highlight=False)
+        err_console.print(f"wrote {csv_path} ({len(rows)} rows: id, region_1..region_5, lat, lon)", markup=False, highlight=False,
+                          soft_wrap=True)
     return ok, bad
 
 

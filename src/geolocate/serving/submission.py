@@ -48,11 +48,10 @@ def validate_rows(header: Sequence[str], rows: Sequence[Sequence[str]], expected
         raise SubmissionError(f"{name}: {len(rows)} rows, expected {expected_rows} (one per input image)")
     seen: set[str] = set()
     for i, row in enumerate(rows, 2):  # line 1 is the header
-        where = f"{name} line {i}"
+        where = f"{name} line {i}" + (f" (id {row[0]!r})" if row and row[0].strip() else "")
         if len(row) != len(COLUMNS):
             raise SubmissionError(f"{where}: {len(row)} fields, expected {len(COLUMNS)}")
         rec = dict(zip(COLUMNS, row))
-        where += f" (id {rec['id']!r})" if rec["id"].strip() else ""
         for col in COLUMNS:
             if not rec[col].strip():
                 raise SubmissionError(f"{where}: {col} is empty")
