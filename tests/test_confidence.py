@@ -145,3 +145,18 @@ def test_cli_csv_is_validated_and_never_overwritten_without_force(trained, photo
     (folder / "broken.jpg").unlink()
     r = runner.invoke(app, ["predict", str(folder), "--model", str(model), "--csv", str(out), "--force"])
     assert r.exit_code == 0 and validate_submission(out, 3) == 3
+
+
+def test_a_run_without_a_test_split_reports_on_validation(trained_copy):
+    from conftest import tiny_config
+
+    from geolocate.index import make_splits
+    from geolocate.runs.experiment import run_experiment
+
+    cfg, run_dir, _ = trained_copy
+    cfg = tiny_config(run_dir.parents[1], **{"index.split_ratios": "[0.8, 0.2, 0.0]", "train.epochs": 3})
+    make_splits(cfg)
+    s = json.loads((run_experiment(cfg) / "summary.json").read_text())
+    assert s["conformal"]["split"] == s["selective"]["split"] == "val" and s["ood"]["test_flagged"] is None
+    assert s["selective"]["thresholds"]["0"]["median_km"] is None  # the answer point's errors are only kept for test
+    assert s["conformal"]["result"]["n"] == s["dataset"]["splits"]["val"]

@@ -24,6 +24,21 @@ def test_selective_table_and_curve_by_hand():
     assert tied["coverage"][0] == pytest.approx(2 / 3)  # equally confident images are answered together
     with pytest.raises(ValueError, match="differ in length"):
         selective_table([0.5], [True, False], [1.0])
+    assert selective_table([0.5], [True], [float("nan")], (0.0,))[0]["median_km"] is None  # unknown errors: no median
+
+
+def test_config_checks_the_confidence_keys():
+    from geolocate.config import Config, ConfigError
+
+    cfg = Config.load(None, ["eval.conformal_coverage=1.0", "eval.conformal_score=lac", "eval.ood_quantile=0.95"])
+    assert (cfg.eval.conformal_coverage, cfg.eval.conformal_score, cfg.eval.ood_quantile) == (1.0, "lac", 0.95)
+    for item, message in (("eval.conformal_coverage=0", r"eval.conformal_coverage must be in \(0, 1\], got 0.0"),
+                          ("eval.conformal_coverage=1.2", r"eval.conformal_coverage must be in \(0, 1\]"),
+                          ("eval.conformal_score=raps", "eval.conformal_score must be 'aps' or 'lac', got 'raps'"),
+                          ("eval.ood_quantile=0", r"eval.ood_quantile must be in \(0, 1\]"),
+                          ("eval.ood_neighbours=0", "eval.ood_neighbours must be >= 1, got 0")):
+        with pytest.raises(ConfigError, match=message):
+            Config.load(None, [item])
 
 
 # ---- OOD score ------------------------------------------------------------------------------

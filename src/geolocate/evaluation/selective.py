@@ -22,6 +22,11 @@ def _arrays(confidence, correct, error_km):
     return conf, ok, d
 
 
+def _median(d: np.ndarray) -> float | None:
+    """The median error, None when there is none (nothing answered, or no known errors)."""
+    return float(np.median(d)) if len(d) and np.isfinite(d).all() else None
+
+
 def selective_table(confidence, correct, error_km, thresholds: Sequence[float] = THRESHOLDS) -> list[dict]:
     """One row per threshold t: answered = confidence >= t."""
     conf, ok, d = _arrays(confidence, correct, error_km)
@@ -30,7 +35,7 @@ def selective_table(confidence, correct, error_km, thresholds: Sequence[float] =
         m = conf >= t
         n = int(m.sum())
         rows.append({"threshold": float(t), "answered": n, "coverage": float(n / len(conf)) if len(conf) else None,
-                     "top1_acc": float(ok[m].mean()) if n else None, "median_km": float(np.median(d[m])) if n else None})
+                     "top1_acc": float(ok[m].mean()) if n else None, "median_km": _median(d[m])})
     return rows
 
 
