@@ -57,6 +57,9 @@ def test_page_upload_shows_five_cells_on_the_map(trained, photos_dir, tmp_path):
                 assert f"{100 * c['probability']:.1f}%" in table
             summary = page.locator("#summary").inner_text()
             assert expected["place"] in summary and "EXIF GPS" in summary and "km" in summary
+            # honest confidence: the street photo to the aerial model is flagged; the cell set and regions are said
+            assert expected["ood"] and expected["warning"] in summary and page.locator("#summary .warn").count() == 1
+            assert f"90% set: {expected['prediction_set']['sentence']}" in summary and "regions: " + expected["regions"][0]["region"] in summary
             assert page.locator("#marks circle.mark-truth").count() == 1
             shot = tmp_path / "geolocate_page.png"
             page.screenshot(path=str(shot), full_page=True)

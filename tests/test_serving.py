@@ -191,3 +191,12 @@ def test_split_antimeridian_cells():
     north = h3.latlng_to_cell(90.0, 0.0, 0)
     out = split_antimeridian(cell_polygon_geojson(north))
     assert max(lat for p in out["coordinates"] for lon, lat in p[0]) == 90.0
+
+
+def test_predict_says_the_set_the_regions_and_the_ood_warning(client, photos_dir):
+    d = _upload(client, PHOTO, (photos_dir / PHOTO).read_bytes()).json()
+    ps = d["prediction_set"]
+    assert ps["coverage"] == 0.9 and ps["size"] == len(ps["cells"]) and ps["sentence"].startswith("the photo is in")
+    assert len(d["regions"]) == 5 and {"region", "key", "probability"} <= set(d["regions"][0])
+    assert d["ood"] is True and d["warning"].startswith("this photo is unlike the training images") and d["ood_score"] > 0
+    assert "abstained" not in d

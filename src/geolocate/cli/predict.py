@@ -43,13 +43,21 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = False, truths=None, batch_size: int = 32,
-                  engine: str = "auto") -> tuple[int, int]:
-    """Print predictions; return (ok, failed) counts."""
+                  engine: str = "auto", min_confidence: float | None = None, csv_path: Path | None = None,
+                  force: bool = False) -> tuple[int, int]:
+    """Print predictions (none per image with ``csv_path`` unless ``json_out``: the CSV is the answer); return
+    (ok, failed) counts."""
     from rich.table import Table
     from rich.text import Text
 
     from ..progress import progress_bar
     from ..serving import Geolocator
+    from ..serving.confidence import apply_min_confidence, set_sentence
+    from ..serving.submission import SubmissionError, submission_row, write_submission
+
+    if csv_path is not None and csv_path.exists() and not force:
+        fail(f"{csv_path} exists: give --force to overwrite it")
+    rows: list[dict] = []
 
     try:
         geo = Geolocator.from_pretrained(model, engine=getattr(engine, "value", engine))
@@ -57,8 +65,11 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
         fail(str(e))
     ok = bad = 0
     with progress_bar("predict", len(paths)) if len(paths) > 1 else contextlib.nullcontext(lambda *a, **k: None) as advance:
-        for p in geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths):
+        for path, p in zip(paths, geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths)):
             advance()
+            apply_min_confidence(p, min_confidence)
+            if csv_path is not None:
+                rows.append(submission_row(Path(path).stem, p))
             if p.error:
                 bad += 1
                 err_console.print(tagged("error", p.error, "red"), highlight=False, soft_wrap=True)
@@ -68,6 +79,14 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
             ok += 1
             if json_out:
                 print(json.dumps(p.to_dict()))
+                continue
+            if csv_path is not None:
+                continue
+            if p.warning:
+                err_console.print(tagged("warning", f"{p.source}: {p.warning}"), highlight=False, soft_wrap=True)
+            if p.abstained:
+                out_console.print(f"{p.source}: abstained: confidence {100 * p.confidence:.1f}% is below --min-confidence "
+                                  f"{100 * min_confidence:.1f}%", markup=False, highlight=False, soft_wrap=True)
                 continue
             t = Table(title=Text(p.source), title_justify="left")
             for col in ("#", "H3 cell", "place", "confidence", "lat", "lon"):
@@ -80,8 +99,23 @@ def predict_paths(model: Path, paths: list, top_k: int = 5, json_out: bool = Fal
             if p.error_km is not None:
                 line += f"; truth {p.true_lat:.4f}, {p.true_lon:.4f}: error {p.error_km:,.1f} km"
             out_console.print(line, markup=False)
+            if p.regions:
+                out_console.print("regions: " + " · ".join(f"{r.region} {100 * r.probability:.1f}%" for r in p.regions),
+                                  markup=False, highlight=False, soft_wrap=True)
+            if p.prediction_set:
+                out_console.print(f"{100 * p.prediction_set['coverage']:g}% set: {set_sentence(p.prediction_set)}", markup=False,
+                                  highlight=False, soft_wrap=True)
     if len(paths) > 1 or bad:
         err_console.print(f"{ok} predicted, {bad} failed")
+    if csv_path is not None:
+        if bad:
+            fail(f"{bad} of {len(paths)} images could not be predicted; {csv_path} needs one answer per image: not written")
+        try:
+            write_submission(csv_path, rows, len(paths), force=force)
+        except SubmissionError as e:
+            fail(str(e))
+        err_console.print(f"wrote {csv_path} ({len(rows)} rows: id, region_1..region_5, lat, lon)", markup=False, highlight=False,
+                          soft_wrap=True)
     return ok, bad
 
 
@@ -96,6 +130,13 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="one JSON object per image")] = False,
         batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
         engine: Annotated[Engine, typer.Option("--engine", case_sensitive=False, help=ENGINE_HELP)] = Engine.auto,
+        min_confidence: Annotated[Optional[float], typer.Option(
+            "--min-confidence", min=0.0, max=1.0,
+            help="abstain below this top-1 confidence (0..1, calibrated): said on screen, `abstained: true` in --json; "
+                 "the exit status does not change")] = None,
+        csv_out: Annotated[Optional[Path], typer.Option(
+            "--csv", help="write id,region_1..region_5,lat,lon (one row per image, checked before it is written)")] = None,
+        force: Annotated[bool, typer.Option("--force", help="overwrite an existing --csv file")] = False,
     ):
         """Top-k H3 cells with place names, predicted lat/lon, confidence, km error when the truth is known.
 
@@ -113,7 +154,7 @@ def register(app: typer.Typer) -> None:
             if not (-90 <= true_lat <= 90 and -180 <= true_lon <= 180):
                 fail(f"invalid --true-lat/--true-lon {true_lat}, {true_lon}")
             truths = [(true_lat, true_lon)] * len(paths)
-        ok, bad = predict_paths(model, paths, top_k, json_out, truths, batch_size, engine.value)
+        ok, bad = predict_paths(model, paths, top_k, json_out, truths, batch_size, engine.value, min_confidence, csv_out, force)
         if bad:
             raise typer.Exit(EXIT_NONE_PREDICTED if ok == 0 else EXIT_SOME_FAILED)
 

@@ -106,7 +106,8 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"evaluated {len(keep)} of {part.height} images; {part.height - len(keep)} unreadable", markup=False)
         part = part[keep]
         y = np.array([pos.get(c, -1) for c in part["cell"].to_list()])
-        m = evaluate(np.array(scores), y, part["lat"].to_numpy(), part["lon"].to_numpy(), np.array(plat), np.array(plon))
+        m = evaluate(np.array(scores), y, part["lat"].to_numpy(), part["lon"].to_numpy(), np.array(plat), np.array(plon),
+                     regions=geo.confidence.regions)
         if json_out:
             print(json.dumps(m, indent=2))
         else:

@@ -31,8 +31,10 @@ from ..models import HEADS, GeoModel, create_backbone, create_head, is_pretraine
 from ..progress import console, tagged
 from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
+from ..evaluation.regions import RegionSpace
 from ..training.augment import augment_for, image_batch, with_augmented_copies
 from . import artifacts as A
+from .confidence import assess_confidence
 from .dashboard import write_dashboard
 from .tracking import get_tracker, log_run_safely
 
@@ -155,27 +157,28 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                                    class_lat, class_lon)
     shipped = candidate is not None and candidate.shipped
     ablation: dict = {"cell_anchor": {}, "head_point": {}, "refined": {}}
+    regions = RegionSpace.from_points(class_lat, class_lon)  # country + admin1 of each class anchor
     for name, s in (("val", val), ("test", test)):
         if len(s) == 0:
             continue
         probs = split_probs[name]
         pred = probs.argmax(1)
         y, la, lo = s.labels.numpy(), s.lat.numpy(), s.lon.numpy()
-        ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred])
+        ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred], regions=regions)
         pt_lat, pt_lon = split_points[name]
         if head.has_point:
-            ablation["head_point"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
+            ablation["head_point"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon, regions=regions)
         if candidate is not None:
             r_lat, r_lon = refined_points(candidate, s.feats.numpy(), probs, pt_lat, pt_lon)
-            ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon)
+            ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon, regions=regions)
             if shipped:
                 pt_lat, pt_lon = r_lat, r_lon
         metrics[name] = ablation["refined" if shipped else "head_point" if head.has_point else "cell_anchor"][name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
-        baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon)
+        baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon, regions=regions)
         sc, pla, plo = knn_predict(train.feats.numpy(), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
                                    s.feats.numpy(), n_cls, k=cfg.eval.knn_k)
-        baselines["knn"][name] = evaluate(sc, y, la, lo, pla, plo)
+        baselines["knn"][name] = evaluate(sc, y, la, lo, pla, plo, regions=regions)
         if name == "test":
             d_model = haversine_km(la, lo, pt_lat, pt_lon)
             test_rows = pl.DataFrame({
@@ -204,6 +207,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         gallery = candidate.gallery
         meta["refine"] = {"params": candidate.params.to_dict(), "features": gallery.features, "val_median_km": round(candidate.val_km, 3),
                           "gallery_sha256": gallery.save(gallery_path(model_path)), "gallery_size": len(gallery)}
+    confidence = assess_confidence(cfg, run_dir, model_path, meta, calibration, labels["classes"], train, val, test, split_probs,
+                                   None if test_rows is None else test_rows["error_km"].to_numpy(), backbone.cache_name, regions)
     save_model(model_path, model, spec, space, backbone_trained, meta)
 
     # the gate reads validation, like the choice of epoch; test is only reported
@@ -237,6 +242,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "metrics": metrics,
         "baselines": baselines,
         "calibration": calibration,
+        **confidence,  # conformal, selective, ood, regions
         "answer_point": {"refined": shipped, "head_point": bool(head.has_point),
                          "params": candidate.params.to_dict() if shipped else None,
                          "ablation": {k: v for k, v in ablation.items() if v}},

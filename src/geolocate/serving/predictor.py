@@ -38,6 +38,13 @@ class CellPrediction:
 
 
 @dc.dataclass
+class RegionPrediction:
+    region: str       # "Skane, SE": GeoNames admin1 and country code
+    key: str          # "SE/Skane"
+    probability: float  # summed over the region's cells
+
+
+@dc.dataclass
 class Prediction:
     source: str
     lat: float | None = None
@@ -51,6 +58,12 @@ class Prediction:
     error: str | None = None
     point: str | None = None  # "refined": a training location inside the top cells; "regressed": the head's offset or
     # coordinates; "cell": the top cell's anchor
+    regions: list[RegionPrediction] = dc.field(default_factory=list)  # top-5 regions (serving.confidence)
+    prediction_set: dict | None = None  # conformal cell set: coverage, size, area_km2, cells (threshold fit on validation)
+    ood: bool | None = None     # out-of-distribution flag (None: the model has no OOD threshold)
+    ood_score: float | None = None
+    warning: str | None = None  # one line for the user (the OOD warning)
+    abstained: bool = False     # below --min-confidence: the answer is given but should not be used
 
     def to_dict(self) -> dict:
         return dc.asdict(self)
@@ -83,6 +96,19 @@ class Geolocator:
         self.class_lon = np.array([c["lon"] for c in self.classes])
         self.preprocess = model.preprocess if model is not None else Preprocess.from_dict(info["preprocess"])
         self.gallery, self.refine_params = self._load_gallery()
+        from .confidence import Confidence
+
+        self.confidence = Confidence.load(info, self.classes, self._model_file(), self.gallery,
+                                          getattr(self.engine, "has_features", False) and hasattr(self.engine, "run"))
+
+    def _model_file(self) -> Path | None:
+        """The ``.pt`` model file beside which the gallery lives (``best.int8.onnx`` / ``best.onnx`` -> ``best.pt``)."""
+        if self.path is None:
+            return None
+        model_file = self.path
+        while model_file.suffix:
+            model_file = model_file.with_suffix("")
+        return model_file.with_suffix(".pt")
 
     def _load_gallery(self):
         """The refinement gallery the model was trained with, if it has one; a bad one warns and is not used."""
@@ -91,10 +117,7 @@ class Geolocator:
             return None, None
         from ..tasks.refine import Gallery, GalleryError, RefineParams, gallery_path
 
-        model_file = self.path
-        while model_file.suffix:  # best.int8.onnx / best.onnx -> best.pt
-            model_file = model_file.with_suffix("")
-        model_file = model_file.with_suffix(".pt")
+        model_file = self._model_file()
         try:
             g = Gallery.load(gallery_path(model_file), sha256=spec.get("gallery_sha256"), features=spec.get("features"),
                              num_classes=len(self.classes))
@@ -184,6 +207,7 @@ class Geolocator:
             "answer_point": ({"refined": True, **meta["refine"], "gallery_loaded": self.gallery is not None}
                              if meta.get("refine") else {"refined": False}),
             "model_file": str(self.path) if self.path else None,
+            "confidence": self.confidence.card(),
         }
 
     # ---- core ---------------------------------------------------------------
@@ -223,7 +247,7 @@ class Geolocator:
         return self._run([self._prepare(item, truth, name)], top_k)[0]
 
     def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int, point: tuple | None = None,
-                regressed: np.ndarray | None = None) -> Prediction:
+                regressed: np.ndarray | None = None, ood_score: float | None = None) -> Prediction:
         if not np.isfinite(probs).all():
             pred.error = (f"{pred.source}: the model gave non-finite probabilities (a corrupted model file?); "
                           "no prediction")
@@ -244,21 +268,23 @@ class Geolocator:
                 pred.place = str(self.gallery.places[point[2]])
         if pred.true_lat is not None:
             pred.error_km = float(haversine_km(pred.true_lat, pred.true_lon, pred.lat, pred.lon))
+        self.confidence.annotate(pred, probs, ood_score)
         return pred
 
     def _run(self, buf: list[tuple[np.ndarray | None, Prediction]], top_k: int) -> list[Prediction]:
         arrays = [a for a, _ in buf if a is not None]
-        points = regressed = None
+        points = regressed = ood = None
         try:
             if not arrays:
                 probs = None
-            elif hasattr(self.engine, "run") and (getattr(self.engine, "has_point", False) or
-                                                  (self.gallery is not None and getattr(self.engine, "has_features", False))):
+            elif hasattr(self.engine, "run") and (getattr(self.engine, "has_point", False) or (
+                    (self.gallery is not None or self.confidence.needs_features) and getattr(self.engine, "has_features", False))):
                 out = self.engine.run(np.stack(arrays))
                 probs = out["probabilities"]
                 regressed = out.get("point")
-                if self.gallery is not None and "features" in out:
-                    points = self._refine(out["features"], probs)
+                if "features" in out:
+                    points = self._refine(out["features"], probs) if self.gallery is not None else None
+                    ood = self.confidence.ood_scores(out["features"])
             else:
                 probs = self.probabilities(np.stack(arrays))
         except Exception as e:  # noqa: BLE001 - one bad input must not sink the batch: run them one by one
@@ -274,7 +300,7 @@ class Geolocator:
                 out.append(pred)
             else:
                 out.append(self._finish(pred, probs[j], top_k, None if points is None else points[j],
-                                        None if regressed is None else regressed[j]))
+                                        None if regressed is None else regressed[j], None if ood is None else float(ood[j])))
                 j += 1
         return out
 

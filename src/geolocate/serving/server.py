@@ -44,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..geo import cell_polygon_geojson
 from .batching import BatchingEngine
+from .confidence import set_sentence
 from .predictor import Geolocator, Prediction
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -61,6 +62,20 @@ class CellOut(BaseModel):
     lon: float = Field(description="cell centroid longitude (degrees)")
 
 
+class RegionOut(BaseModel):
+    region: str = Field(description="GeoNames admin1 and country code, e.g. 'Skane, SE'")
+    key: str = Field(description="CC/admin1, as in the --csv answer file")
+    probability: float = Field(description="summed over the region's cells")
+
+
+class PredictionSetOut(BaseModel):
+    coverage: float = Field(description="target coverage the threshold was fit for on validation (e.g. 0.9)")
+    size: int = Field(description="cells in the set")
+    area_km2: float
+    cells: list[str] = Field(description="H3 cells, most probable first")
+    sentence: Optional[str] = None
+
+
 class PredictionOut(BaseModel):
     source: str
     lat: float = Field(description="predicted latitude: a training location inside the top cells (point=refined) or the top cell's anchor")
@@ -73,6 +88,11 @@ class PredictionOut(BaseModel):
     true_lat: Optional[float] = Field(None, description="from the photo's EXIF GPS, when present")
     true_lon: Optional[float] = None
     error_km: Optional[float] = None
+    regions: list[RegionOut] = Field(default_factory=list, description="top-5 regions (country + admin1)")
+    prediction_set: Optional[PredictionSetOut] = Field(None, description="conformal cell set (threshold fit on validation)")
+    ood: Optional[bool] = Field(None, description="true: the photo is unlike the training images (null: the model has no OOD threshold)")
+    ood_score: Optional[float] = None
+    warning: Optional[str] = Field(None, description="one line for the user (the out-of-distribution warning)")
     engine: str
     run_id: Optional[str] = None
     elapsed_ms: float
@@ -306,6 +326,9 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
         out = pred.to_dict()
         out["top"] = [{"rank": i, **c} for i, c in enumerate(out["top"], 1)]
         out.pop("error", None)
+        out.pop("abstained", None)
+        if out.get("prediction_set"):
+            out["prediction_set"]["sentence"] = set_sentence(pred.prediction_set)
         out.update(geojson=cells_feature_collection(pred), engine=geolocator.engine_name, run_id=card.get("run_id"),
                    elapsed_ms=round(1000 * (time.perf_counter() - t0), 2))
         return out

@@ -163,6 +163,14 @@ function showTable(r) {
   s.replaceChildren();
   s.append(el("div", { class: "big" }, `${r.place}`),
            el("div", {}, `prediction ${fmtLatLon(r.lat, r.lon)} · confidence ${(100 * r.confidence).toFixed(1)}%`));
+  if (r.ood) s.append(el("div", { class: "warn", role: "alert" }, `⚠ ${r.warning}`));
+  if (r.prediction_set && r.prediction_set.sentence) {
+    s.append(el("div", { class: "set" }, `${Math.round(100 * r.prediction_set.coverage)}% set: ${r.prediction_set.sentence}`));
+  }
+  if (r.regions && r.regions.length) {
+    s.append(el("div", { class: "regions" },
+      "regions: " + r.regions.map((g) => `${g.region} ${(100 * g.probability).toFixed(1)}%`).join(" · ")));
+  }
   if (r.error_km !== null && r.error_km !== undefined) {
     s.append(el("div", {}, `EXIF GPS ${fmtLatLon(r.true_lat, r.true_lon)} · error ${Math.round(r.error_km).toLocaleString()} km`));
   }
