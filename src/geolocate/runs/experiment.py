@@ -336,8 +336,9 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
     """Copy the run's model to models/best.pt (+ best.json) only if ``metric`` improved on the current best.
 
     ``fingerprint`` names the dataset and its split (``<index>/<split>``). A best model measured on another
-    dataset, split or metric is not comparable: the new model replaces it, with a warning, and
-    ``best.json`` records what it replaced.
+    dataset, split or metric is not comparable: it is kept as the best of its own dataset, moved to
+    ``models/by-dataset/<its fingerprint>/`` (best.pt, gallery, best.json), and the new model takes
+    ``models/best.pt``, with a warning naming where the old one went; ``best.json`` records what it replaced.
     """
     from filelock import FileLock
 
@@ -354,10 +355,25 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
                 if old.get("metric") == metric and old.get("fingerprint", old.get("dataset_fingerprint")) == fingerprint:
                     previous = float(old["value"])
                 else:
+                    kept = archive_best(models_dir, old)
                     console.print(tagged("warning", f"models/best.pt ({old.get('run_id')}) was measured on another dataset, split "
-                                                    f"or metric ({old.get('metric')}); replacing it with {run_id}"))
+                                                    f"or metric ({old.get('metric')}); it stays the best of its dataset in {kept}, "
+                                                    f"and {run_id} becomes models/best.pt"))
             except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError):
                 previous = None
+        own = models_dir / "by-dataset" / fingerprint.replace("/", "_")
+        if not (models_dir / "best.pt").exists() and (own / "best.json").is_file():
+            # this dataset's own best, archived when another dataset took best.pt: it is the one to beat
+            try:
+                kept = read_json(own / "best.json")
+                previous = float(kept["value"]) if kept.get("metric") == metric else None
+            except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+                previous = None
+            if previous is not None and not improves(metric, value, previous):
+                _move_best(own, models_dir)  # back to models/best.pt: the best of the dataset trained last
+                console.print(tagged("warning", f"{run_id} did not beat this dataset's best ({kept.get('run_id')}), "
+                                                "which is models/best.pt again"))
+                return False, previous
         if previous is not None and not improves(metric, value, previous):
             return False, previous
         data = model_path.read_bytes()
@@ -373,3 +389,32 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
                                "sha256": hashlib.sha256(data).hexdigest(),
                                "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
         return True, previous
+
+
+def archive_best(models_dir: Path, old: dict) -> Path:
+    """Move the current best (model, gallery, best.json) to ``models/by-dataset/<fingerprint>/``; return that folder.
+
+    Called with the promotion lock held. A folder that already holds a best of that dataset is replaced only by a
+    better one of the same metric (the comparison ``promote_best`` would make); otherwise the archived copy stays."""
+    fp = str(old.get("fingerprint", old.get("dataset_fingerprint", "unknown"))).replace("/", "_")
+    dest = models_dir / "by-dataset" / fp
+    dest.mkdir(parents=True, exist_ok=True)
+    prev = dest / "best.json"
+    if prev.exists():
+        try:
+            p = read_json(prev)
+            if p.get("metric") == old.get("metric") and not improves(str(old["metric"]), float(old["value"]), float(p["value"])):
+                return dest
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+            pass
+    _move_best(models_dir, dest)
+    return dest
+
+
+def _move_best(src_dir: Path, dest_dir: Path) -> None:
+    """best.pt, its gallery and best.json from one folder to another (same filesystem: each move is atomic)."""
+    for name in ("best.pt", gallery_path(src_dir / "best.pt").name, "best.json"):
+        src = src_dir / name
+        if src.is_file():
+            src.replace(dest_dir / name)
+
