@@ -100,7 +100,7 @@ def predict_sequences(model: Path | list[Path], sequences: list, top_k: int = 5,
                       combiner: str = "sum_logprob", combiner_params: dict | None = None) -> tuple[int, int]:
     """Print one answer per sequence (its frames' evidence combined) and each frame's; return (frames ok, frames failed).
 
-    ``sequences``: ``(id, [paths])`` pairs. JSON: one object per sequence (``prediction``, ``frames``, ``frame_errors_km``).
+    ``sequences``: ``(id, [paths][, [truth or None per path]])`` tuples. JSON: one object per sequence (``prediction``, ``frames``, ``frame_errors_km``).
     """
     from rich.table import Table
     from rich.text import Text
@@ -210,8 +210,8 @@ def register(app: typer.Typer) -> None:
             if true_lat is not None:
                 fail("--true-lat/--true-lon describe one image; give a manifest's known positions in its lat/lon columns")
             if sequence:
-                ok, bad = predict_sequences(models, [(g.id, g.paths) for g in groups], top_k, json_out, batch_size,
-                                            engine.value, ensemble.value, SEQUENCE_COMBINER,
+                ok, bad = predict_sequences(models, [(g.id, g.paths, g.truths) for g in groups], top_k, json_out,
+                                            batch_size, engine.value, ensemble.value, SEQUENCE_COMBINER,
                                             {"temperature": sequence_temperature, "floor": SEQUENCE_FLOOR})
             else:
                 samples = [g.paths if len(g.paths) > 1 else g.paths[0] for g in groups]

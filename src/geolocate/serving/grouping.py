@@ -27,7 +27,12 @@ class Group:
     id: str
     paths: list[Path]
     views: list[str | None] = dc.field(default_factory=list)
-    truth: tuple[float, float] | None = None
+    truths: list[tuple[float, float] | None] = dc.field(default_factory=list)  # per path (the manifest's lat/lon)
+
+    @property
+    def truth(self) -> tuple[float, float] | None:
+        """The group's known position: the first row's that has one."""
+        return next((t for t in self.truths if t is not None), None)
 
 
 def manifest_groups(path: str | Path, keys: Sequence[str] = SAMPLE_KEYS) -> list[Group]:
@@ -54,14 +59,16 @@ def manifest_groups(path: str | Path, keys: Sequence[str] = SAMPLE_KEYS) -> list
         g = groups.setdefault(str(gid), Group(str(gid), []))
         g.paths.append(p if p.is_absolute() else path.parent / p)
         g.views.append(str(row["view"]) if row.get("view") not in (None, "") else None)
-        if g.truth is None and row.get("lat") not in (None, "") and row.get("lon") not in (None, ""):
+        truth = None
+        if row.get("lat") not in (None, "") and row.get("lon") not in (None, ""):
             try:
                 lat, lon = float(row["lat"]), float(row["lon"])
             except (TypeError, ValueError):
                 raise ValueError(f"manifest {path}, line {n}: lat/lon {row['lat']!r}, {row['lon']!r} are not numbers") from None
             if not valid_latlon(lat, lon):
                 raise ValueError(f"manifest {path}, line {n}: invalid lat/lon {lat}, {lon}")
-            g.truth = (lat, lon)
+            truth = (lat, lon)
+        g.truths.append(truth)
     return list(groups.values())
 
 

@@ -396,10 +396,13 @@ class Geolocator:
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size, truths=truths))
 
     # ---- sequences ------------------------------------------------------------
-    def predict_sequences_iter(self, sequences: Mapping[str, Sequence[SampleInput]] | Iterable[tuple[str, Sequence[SampleInput]]],
-                               top_k: int = 5, batch_size: int = 32, combiner: str = "sum_logprob",
+    def predict_sequences_iter(self, sequences: Mapping[str, Sequence[SampleInput]] | Iterable[tuple], top_k: int = 5,
+                               batch_size: int = 32, combiner: str = "sum_logprob",
                                combiner_params: Mapping | None = None) -> Iterator[SequencePrediction]:
         """One :class:`SequencePrediction` per sequence, in order: each frame's prediction and one answer for all.
+
+        ``sequences``: ``{id: frames}``, or ``(id, frames)`` / ``(id, frames, truths)`` tuples where ``truths`` gives
+        each frame's known (lat, lon) or None (else the frame's EXIF GPS is used).
 
         The frames' probabilities are combined by the registered ``combiner`` (``geolocate.tasks.combine``; default
         ``sum_logprob``: the cell the frames agree on) and their features averaged for the refinement step.
@@ -413,12 +416,15 @@ class Geolocator:
         params = dict(combiner_params or {})
         pairs = sequences.items() if isinstance(sequences, Mapping) else sequences
 
-        def work(pair) -> SequencePrediction:
-            sid, frames = pair
+        def work(entry) -> SequencePrediction:
+            sid, frames, truths = (*entry, None) if len(entry) == 2 else entry
             frames = list(frames)
+            truths = list(truths) if truths is not None else [None] * len(frames)
+            if len(truths) != len(frames):
+                raise ValueError(f"sequence {sid}: {len(truths)} truths for {len(frames)} frames")
             preds, rows_p, rows_f = [], [], []
             for s in range(0, len(frames), batch_size):
-                buf = [self._prepare(f, None) for f in frames[s:s + batch_size]]
+                buf = [self._prepare(f, t) for f, t in zip(frames[s:s + batch_size], truths[s:s + batch_size])]
                 idx, probs, feats = self._evidence(buf)
                 if idx:
                     self._answer([buf[i][1] for i in idx], probs, feats, top_k)
