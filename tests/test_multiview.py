@@ -204,3 +204,20 @@ def test_cli_sequence_by_exif_time_and_by_manifest(trained, tmp_path):
     r = runner.invoke(app, ["predict", "--manifest", str(m), "--sequence", "--model", str(model)])
     assert r.exit_code == 0, r.output
     assert "median error over its" in r.output and f"sequence {seqs[0][0]}" in r.output
+
+
+def test_server_answers_with_an_ensemble(trained, geo, photos_dir):
+    import httpx
+
+    from geolocate.serving.server import create_app, serve_in_thread
+
+    ens = Geolocator.from_pretrained([trained[2], trained[2]], ensemble="val-median")
+    single = geo.predict(photos_dir / PHOTO)[0]
+    with serve_in_thread(create_app(ens)) as url:
+        r = httpx.post(f"{url}/predict", files={"file": (PHOTO, (photos_dir / PHOTO).read_bytes(), "image/jpeg")}, timeout=60)
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert [(c["cell"], c["probability"]) for c in d["top"]] == _cells(single)
+        assert d["engine"].startswith("ensemble/val-median(")
+        card = httpx.get(f"{url}/model", timeout=30).json()
+        assert card["ensemble"]["members"] == [trained[2].name] * 2 and card["ensemble"]["weights"] == [0.5, 0.5]

@@ -120,8 +120,9 @@ def predict_sequences(model: Path | list[Path], sequences: list, top_k: int = 5,
             continue
         s = sp.prediction
         t = Table(title=Text(f"sequence {sp.sequence}: {len(s.views)} frame(s)"), title_justify="left")
-        for col in ("frame", "place (frame alone)", "confidence", "lat", "lon", "error km", "sequence error km"):
-            t.add_column(col, justify="left" if col.startswith(("frame", "place")) else "right")
+        # each frame's own answer, its error, and the error of the sequence's answer at that frame's position
+        for col in ("frame", "place", "conf.", "lat", "lon", "err km", "seq. err km"):
+            t.add_column(col, justify="left" if col in ("frame", "place") else "right")
         for f, e in zip(sp.frames, sp.frame_errors_km):
             if f.error:
                 t.add_row(Text(f.source), Text("(not used)"), "", "", "", "", "")
@@ -156,7 +157,7 @@ class EnsembleMethod(str, Enum):
 
 ENSEMBLE_HELP = ("how several --model files combine: average of probabilities (default); val-median / val-loss: "
                  "averages weighted by each model's validation median km (1/km) or loss (exp(-loss)); rank: reciprocal rank fusion")
-# the sequence combiner's defaults (chosen on validation: see docs/sequences.md)
+# the sequence combiner's defaults (chosen on validation: docs/multiview.md, bench/bench_sequences.py)
 SEQUENCE_COMBINER, SEQUENCE_TEMPERATURE, SEQUENCE_FLOOR = "sum_logprob", 1.0, 1e-4
 
 

@@ -340,6 +340,10 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
     @app.get("/model", summary="Model card: backbone, classes, H3 resolution, training data, metrics")
     def model() -> dict:
         public = card | {"model_file": Path(card["model_file"]).name if card.get("model_file") else None}
+        if card.get("ensemble"):  # file names only, as for model_file: the server's folders are not the public's business
+            ens = card["ensemble"]
+            public["ensemble"] = ens | {"members": [Path(m).name for m in ens["members"]],
+                                        "refined_with": Path(ens["refined_with"]).name if ens.get("refined_with") else None}
         return public | {"max_upload_mb": max_upload_mb}
 
     @app.post("/predict", response_model=PredictionOut, summary="Where was this photo taken?",
