@@ -42,19 +42,22 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def load_geolocator(model: Path | list[Path], engine: str = "auto", ensemble: str = "average"):
-    """The Geolocator of one model file, or the ensemble of several; a bad file or set is one error line (exit 2)."""
+def load_geolocator(model: Path | list[Path], engine: str = "auto", ensemble: str = "average", tta: bool = False):
+    """The Geolocator of one model file, or the ensemble of several; a bad file or set is one error line (exit 2).
+    ``tta``: each image is predicted from the test-time views its domain allows (``geolocate.tta``)."""
     from ..serving import Geolocator
 
     try:
-        return Geolocator.from_pretrained(model, engine=getattr(engine, "value", engine), ensemble=ensemble)
+        geo = Geolocator.from_pretrained(model, engine=getattr(engine, "value", engine), ensemble=ensemble)
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
+    geo.tta = tta
+    return geo
 
 
 def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_out: bool = False, truths=None, batch_size: int = 32,
                   engine: str = "auto", min_confidence: float | None = None, csv_path: Path | None = None,
-                  force: bool = False, ensemble: str = "average") -> tuple[int, int]:
+                  force: bool = False, ensemble: str = "average", tta: bool = False) -> tuple[int, int]:
     """Print predictions (none per image with ``csv_path`` unless ``json_out``: the CSV is the answer); return
     (ok, failed) counts. An entry of ``paths`` that is a list is one multi-view sample."""
     from rich.table import Table
@@ -68,7 +71,7 @@ def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_ou
         fail(f"{csv_path} exists: give --force to overwrite it")
     rows: list[dict] = []
 
-    geo = load_geolocator(model, engine, ensemble)
+    geo = load_geolocator(model, engine, ensemble, tta)
     ok = bad = 0
     with progress_bar("predict", len(paths)) if len(paths) > 1 else contextlib.nullcontext(lambda *a, **k: None) as advance:
         for path, p in zip(paths, geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths)):
@@ -131,7 +134,7 @@ def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_ou
 
 def predict_sequences(model: Path | list[Path], sequences: list, top_k: int = 5, json_out: bool = False,
                       batch_size: int = 32, engine: str = "auto", ensemble: str = "average",
-                      combiner: str = "sum_logprob", combiner_params: dict | None = None) -> tuple[int, int]:
+                      combiner: str = "sum_logprob", combiner_params: dict | None = None, tta: bool = False) -> tuple[int, int]:
     """Print one answer per sequence (its frames' evidence combined) and each frame's; return (frames ok, frames failed).
 
     ``sequences``: ``(id, [paths][, [truth or None per path]])`` tuples. JSON: one object per sequence (``prediction``, ``frames``, ``frame_errors_km``).
@@ -139,7 +142,7 @@ def predict_sequences(model: Path | list[Path], sequences: list, top_k: int = 5,
     from rich.table import Table
     from rich.text import Text
 
-    geo = load_geolocator(model, engine, ensemble)
+    geo = load_geolocator(model, engine, ensemble, tta)
     ok = bad = 0
     for sp in geo.predict_sequences_iter(sequences, top_k=top_k, batch_size=batch_size, combiner=combiner,
                                          combiner_params=combiner_params):
@@ -226,6 +229,8 @@ def register(app: typer.Typer) -> None:
         sequence_temperature: Annotated[float, typer.Option("--sequence-temperature", min=1e-6, help="temperature of the "
                                                             "sum of frame log-probabilities")] = SEQUENCE_TEMPERATURE,
         ensemble: Annotated[EnsembleMethod, typer.Option("--ensemble", case_sensitive=False, help=ENSEMBLE_HELP)] = EnsembleMethod.average,
+        tta: Annotated[bool, typer.Option("--tta", help="test-time augmentation: fuse the views the model's domain allows "
+                                          "(aerial: crops that keep north up; street: crops and a small roll; never flips)")] = False,
     ):
         """Top-k H3 cells with place names, predicted lat/lon, confidence, km error when the truth is known.
 
@@ -254,12 +259,12 @@ def register(app: typer.Typer) -> None:
             if sequence:
                 ok, bad = predict_sequences(models, [(g.id, g.paths, g.truths) for g in groups], top_k, json_out,
                                             batch_size, engine.value, ensemble.value, SEQUENCE_COMBINER,
-                                            {"temperature": sequence_temperature, "floor": SEQUENCE_FLOOR})
+                                            {"temperature": sequence_temperature, "floor": SEQUENCE_FLOOR}, tta=tta)
             else:
                 samples = [g.paths if len(g.paths) > 1 else g.paths[0] for g in groups]
                 truths = [g.truth for g in groups] if any(g.truth for g in groups) else None
                 ok, bad = predict_paths(models, samples, top_k, json_out, truths, batch_size, engine.value, min_confidence, csv_out,
-                                        force, ensemble.value)
+                                        force, ensemble.value, tta=tta)
             if bad:
                 raise typer.Exit(EXIT_NONE_PREDICTED if ok == 0 else EXIT_SOME_FAILED)
             return
@@ -277,7 +282,7 @@ def register(app: typer.Typer) -> None:
                                                     "of its own"), highlight=False, soft_wrap=True)
             ok, bad = predict_sequences(models, [(g.id, g.paths) for g in groups], top_k, json_out, batch_size, engine.value,
                                         ensemble.value, SEQUENCE_COMBINER,
-                                        {"temperature": sequence_temperature, "floor": SEQUENCE_FLOOR})
+                                        {"temperature": sequence_temperature, "floor": SEQUENCE_FLOOR}, tta=tta)
             if bad:
                 raise typer.Exit(EXIT_NONE_PREDICTED if ok == 0 else EXIT_SOME_FAILED)
             return
@@ -293,7 +298,7 @@ def register(app: typer.Typer) -> None:
                 fail(f"--views needs at least two views of the place, got {len(paths)}")
             paths = [paths]
         ok, bad = predict_paths(models, paths, top_k, json_out, truths, batch_size, engine.value, min_confidence, csv_out, force,
-                                ensemble.value)
+                                ensemble.value, tta=tta)
         if bad:
             raise typer.Exit(EXIT_NONE_PREDICTED if ok == 0 else EXIT_SOME_FAILED)
 

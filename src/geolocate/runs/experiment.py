@@ -202,7 +202,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     model_path = run_dir / "checkpoints" / "model.pt"
     backbone_trained = finetune_epochs > 0
     meta = {"run_id": run_id, "metrics": {"test": metrics["test"], "val": metrics["val"]}, "dataset_fingerprint": stats["fingerprint"],
-            "sources": stats.get("sources", {}), "images": stats["images"]}
+            "sources": stats.get("sources", {}), "images": stats["images"],
+            "best_val_loss": ((state.get("stopper") or {}).get("best_row") or {}).get("val_loss")}  # ensembles weigh members by it
     if shipped:
         gallery = candidate.gallery
         meta["refine"] = {"params": candidate.params.to_dict(), "features": gallery.features, "val_median_km": round(candidate.val_km, 3),

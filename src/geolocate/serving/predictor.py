@@ -261,7 +261,11 @@ class Geolocator:
             pred.error = f"{name}: not an image input (give a path, bytes or a PIL image, not {type(item).__name__})"
             return None, pred
         try:
-            array, exif = self.preprocess.load(item, name=given)
+            if self.tta:
+                views = [self.preprocess.load(item, name=given, transform=t) for t in self._tta_transforms()]
+                array, exif = [v for v, _ in views], views[0][1]
+            else:
+                array, exif = self.preprocess.load(item, name=given)
         except ImageError as e:
             pred.error = str(e)
             return None, pred
@@ -293,7 +297,7 @@ class Geolocator:
         known = [p for a, p in parts if a is not None and p.true_lat is not None]
         if known:  # the given truth, else the first view with EXIF GPS
             pred.true_lat, pred.true_lon = known[0].true_lat, known[0].true_lon
-        arrays = [a for a, _ in parts if a is not None]
+        arrays = [x for a, _ in parts if a is not None for x in (a if isinstance(a, list) else [a])]  # TTA: views of views
         if not items:
             pred.error = f"{label or '<sample>'}: a sample with no views"
         elif not arrays:
@@ -333,6 +337,15 @@ class Geolocator:
 
     # the registered combiner (geolocate.tasks.combine) fusing the views of one sample; features are averaged
     view_combiner = "mean_prob"
+    # test-time augmentation (geolocate.tta): each image becomes the views its domain allows, fused like a sample
+    tta = False
+
+    def _tta_transforms(self):
+        from ..tta import domain_of, tta_transforms
+
+        if getattr(self, "_tta", None) is None:
+            self._tta = tta_transforms(domain_of(((self.info.get("meta") or {}).get("sources") or {}).keys()))
+        return self._tta
 
     def _forward(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(probabilities (N, C), features (N, F) when refinement or the OOD score use them, else None, the head's
