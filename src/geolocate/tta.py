@@ -32,15 +32,9 @@ def _box(fx: float, fy: float, crop: float) -> Transform:
 
 
 def _roll(deg: float) -> Transform:
-    def t(im: Image.Image) -> Image.Image:
-        w, h = im.size
-        out = im.rotate(deg, resample=Image.BILINEAR, expand=False)
-        r = abs(np.radians(deg))
-        k = 1.0 / (np.cos(r) + np.sin(r) * max(w, h) / min(w, h))  # the inner box the corners do not reach
-        cw, ch = max(1, round(w * k)), max(1, round(h * k))
-        left, top = (w - cw) // 2, (h - ch) // 2
-        return out.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
-    return t
+    from .augment import roll
+
+    return lambda im: roll(im, deg)
 
 
 def _identity(im: Image.Image) -> Image.Image:
