@@ -15,7 +15,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +25,13 @@ from ..catalogue import better, metric
 from ..geo import geoscore, haversine_km
 from ..io import atomic_write, one_line
 from ..progress import progress_bar
+from . import distributed as D
 from .losses import LOSSES, LossContext, class_weights_from_counts
+from .precision import Precision
+
+
+if TYPE_CHECKING:
+    from .store import FeatureView
 
 
 def seed_everything(seed: int) -> None:
@@ -90,7 +96,7 @@ class Split:
     labels: torch.Tensor
     lat: torch.Tensor
     lon: torch.Tensor
-    feats: torch.Tensor | None = None
+    feats: "torch.Tensor | FeatureView | None" = None   # a FeatureView: rows of the memory-mapped store, read per batch
     paths: list[str] | None = None
 
     def __len__(self) -> int:
@@ -129,6 +135,20 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return f
 
 
+def feature_rows(feats, idx=None) -> torch.Tensor:
+    """float32 rows ``idx`` (all when None) of a tensor or a :class:`~geolocate.training.store.FeatureView`."""
+    if isinstance(feats, torch.Tensor):
+        return feats if idx is None else feats[idx]
+    return torch.from_numpy(feats.rows(slice(None) if idx is None else idx))
+
+
+def _ctx_on(ctx: LossContext, device: torch.device) -> LossContext:
+    if device.type == "cpu":
+        return ctx
+    cw = None if ctx.class_weights is None else ctx.class_weights.to(device)
+    return LossContext(ctx.class_lat.to(device), ctx.class_lon.to(device), cw, ctx.tau_km, ctx.mix_ce)
+
+
 class Trainer:
     def __init__(self, cfg, class_lat: np.ndarray, class_lon: np.ndarray, train_counts: np.ndarray, ckpt_dir: Path,
                  on_epoch: Callable[[dict], None] | None = None):
@@ -141,6 +161,11 @@ class Trainer:
         self.loss_fn = LOSSES[self.tc.loss]
         self.ckpt_dir = Path(ckpt_dir)
         self.on_epoch = on_epoch or (lambda row: None)
+        # device, precision and data parallelism (training/precision.py, training/distributed.py)
+        self.dist = D.current()
+        self.device = D.device_for(self.tc.device, self.dist)
+        self.precision = Precision(self.tc.precision, self.device)
+        self.train_ctx = _ctx_on(self.ctx, self.device)
 
     # ---- evaluation on a split ------------------------------------------------
     def val_metrics(self, logits: torch.Tensor, split: Split) -> dict:
@@ -161,13 +186,16 @@ class Trainer:
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + epoch)
             perm = torch.randperm(len(train), generator=g)
             for s in range(0, len(train), self.tc.batch_size):
-                idx = perm[s:s + self.tc.batch_size]
-                yield train.feats[idx], idx
+                batch = perm[s:s + self.tc.batch_size]
+                idx = D.shard(batch, self.dist)  # this rank's share of the global batch
+                yield feature_rows(train.feats, idx).to(self.device, non_blocking=True), idx, len(batch)
 
         @torch.no_grad()
         def evaluate() -> torch.Tensor:
             head.eval()
-            return head(val.feats)
+            with self.precision.autocast():
+                return torch.cat([head(feature_rows(val.feats, torch.arange(s, min(s + 65536, len(val)))).to(self.device)).float().cpu()
+                                  for s in range(0, len(val), 65536)])
 
         opt = torch.optim.AdamW(head.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         return self._run("frozen", self.tc.epochs, head, opt, batches, train, val, evaluate, resume)
@@ -189,13 +217,17 @@ class Trainer:
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + 500 + epoch)
             perm = torch.randperm(len(train), generator=g)
             for s in range(0, len(train), self.tc.batch_size):
-                idx = perm[s:s + self.tc.batch_size]
-                yield batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g), idx
+                batch = perm[s:s + self.tc.batch_size]
+                idx = D.shard(batch, self.dist)
+                x = batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g).to(self.device) if len(idx) else None
+                yield x, idx, len(batch)
 
         @torch.no_grad()
         def evaluate() -> torch.Tensor:
             model.eval()
-            return torch.cat([model(batch_fn(model, val.paths[s:s + 64], False, None)) for s in range(0, len(val), 64)])
+            with self.precision.autocast():
+                return torch.cat([model(batch_fn(model, val.paths[s:s + 64], False, None).to(self.device)).float().cpu()
+                                  for s in range(0, len(val), 64)])
 
         opt = torch.optim.AdamW([
             {"params": model.head.parameters(), "lr": self.tc.lr},
@@ -213,6 +245,9 @@ class Trainer:
         Returns the state: ``stopper`` (``EarlyStopping`` fields; ``best_row`` is the history row of the weights
         loaded back into ``module``), ``stopped_early``, ``history``.
         """
+        module.to(self.device)
+        main = self.dist.is_main
+        scaler = self.precision.scaler
         steps_per_epoch = max(1, math.ceil(len(train) / self.tc.batch_size))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, self.tc.warmup_epochs * steps_per_epoch))
         stopper = early_stopping(self.tc)
@@ -241,28 +276,39 @@ class Trainer:
                 t0 = time.time()
                 module.train()
                 total, count = 0.0, 0
-                for x, idx in batches(epoch):
-                    logits = module(x)
-                    loss = self.loss_fn(logits, train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
+                for x, idx, n_batch in batches(epoch):
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if len(idx):
+                        y, la, lo = (t[idx].to(self.device) for t in (train.labels, train.lat, train.lon))
+                        with self.precision.autocast():
+                            loss = self.loss_fn(module(x), y, la, lo, self.train_ctx)
+                        # this rank's share of the global batch mean; the shares' gradients are summed over ranks
+                        scaler.scale(loss * (len(idx) / n_batch) if self.dist.enabled else loss).backward()
+                        total += loss.item() * len(idx)
+                        count += len(idx)
+                    D.all_reduce_grads(module.parameters(), self.dist)
+                    scaler.unscale_(opt)
                     if self.tc.grad_clip > 0:
                         nn.utils.clip_grad_norm_(module.parameters(), self.tc.grad_clip)
-                    opt.step()
+                    scaler.step(opt)
+                    scaler.update()
                     sched.step()
-                    total += loss.item() * len(idx)
-                    count += len(idx)
+                total, count = D.all_reduce_sum([total, count], self.dist)
+                D.broadcast_buffers(module, self.dist)
                 row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(evaluate(), val),
                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
+                row = D.broadcast_object(row, self.dist)  # one decision on every rank
                 state["history"].append(row)
                 if stopper.update(row):
                     state["best_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 state.update(epoch=epoch, stopper=dc.asdict(stopper))
-                save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
-                                                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
-                self.on_epoch(row)
+                if main:  # rank 0 writes
+                    save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
+                                                               "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
+                    self.on_epoch(row)
                 advance(1, description=f"train ({phase}) val median {metric('median_km').fmt(row['val_median_km'], unit=True)}")
         state["stopper"] = dc.asdict(stopper)
         if state["best_state"] is not None:
             module.load_state_dict(state["best_state"])
+        module.to("cpu")
         return state
