@@ -109,8 +109,10 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
            max_block_bytes: int = 128 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, gallery index or -1 where the anchor of the top-1 cell was kept) per query.
 
-    Streamed over the gallery and the queries: at most ``max_block_bytes`` of gallery rows (as float32) and of
-    scores at a time, with a running best ``neighbours`` per query, so a 1M-item gallery needs no float32 copy.
+    Only the items of a query's top cells can win, so the search runs cell by cell: the queries that have cell
+    ``c`` among their top ``top_k`` against the items of ``c`` (blocks of at most ``max_block_bytes`` of float32
+    rows and of scores), with a running best ``neighbours`` per query. That is ``top_k / cells`` of a dense search's
+    work and memory, and a 1M-item gallery needs no float32 copy.
     """
     from ..evaluation.baselines import merge_top
 
@@ -120,24 +122,30 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
     logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, None))
     k = max(1, min(params.top_k, probs.shape[1]))
     top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    allowed = np.zeros((n, gallery.num_classes), dtype=bool)
-    np.put_along_axis(allowed, top, True, axis=1)
     m = max(1, min(params.neighbours, N)) if N else 1
     best_s = np.full((n, m), -np.inf)
     best_i = np.full((n, m), -1, dtype=np.int64)
-    rows = max(1, min(N, max_block_bytes // max(4 * gallery.feats.shape[1], 1))) if N else 1
-    for g0 in range(0, N, rows):
-        g = gallery.feats[g0:g0 + rows].astype(np.float32)
-        labels = gallery.labels[g0:g0 + rows]
-        mb = min(m, len(g))
-        chunk = max(1, max_block_bytes // max(8 * len(g), 1))
-        for s in range(0, n, chunk):
-            sim = q[s:s + chunk] @ g.T                                        # (b, block)
-            inside = allowed[s:s + chunk][:, labels]
-            score = np.where(inside, logp[s:s + chunk][:, labels] + sim / params.temperature, -np.inf)
-            part = np.argpartition(-score, mb - 1, axis=1)[:, :mb]
-            best_s[s:s + chunk], best_i[s:s + chunk] = merge_top(best_s[s:s + chunk], best_i[s:s + chunk],
-                                                                 np.take_along_axis(score, part, axis=1), g0 + part, m)
+    order = np.argsort(gallery.labels, kind="stable")                 # the items of each cell, contiguous
+    cells, starts, counts = np.unique(gallery.labels[order], return_index=True, return_counts=True)
+    pair_cell, pair_query = top.ravel(), np.repeat(np.arange(n), k)  # (query, one of its top cells)
+    by_cell = np.argsort(pair_cell, kind="stable")
+    pair_cell, pair_query = pair_cell[by_cell], pair_query[by_cell]
+    lo, hi = np.searchsorted(pair_cell, cells, "left"), np.searchsorted(pair_cell, cells, "right")
+    rows = max(1, max_block_bytes // max(4 * gallery.feats.shape[1], 1))
+    for c, g_start, g_count, q_lo, q_hi in zip(cells.tolist(), starts, counts, lo, hi):
+        if q_lo == q_hi:
+            continue  # no query has this cell among its top cells
+        qs = pair_query[q_lo:q_hi]
+        for g0 in range(g_start, g_start + g_count, rows):
+            gidx = order[g0:min(g0 + rows, g_start + g_count)]
+            g = gallery.feats[gidx].astype(np.float32)
+            mb = min(m, len(gidx))
+            chunk = max(1, max_block_bytes // max(8 * len(gidx), 1))
+            for s in range(0, len(qs), chunk):
+                qq = qs[s:s + chunk]
+                score = logp[qq, c][:, None] + (q[qq] @ g.T) / params.temperature   # (b, items of c)
+                part = np.argpartition(-score, mb - 1, axis=1)[:, :mb]
+                best_s[qq], best_i[qq] = merge_top(best_s[qq], best_i[qq], np.take_along_axis(score, part, axis=1), gidx[part], m)
     out_lat, out_lon = np.full(n, np.nan), np.full(n, np.nan)
     out_idx = np.full(n, -1, dtype=np.int64)
     ok = np.isfinite(best_s[:, 0])
