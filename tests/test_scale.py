@@ -39,6 +39,11 @@ def test_store_round_trip_in_float16_shards(tmp_path, monkeypatch):
     both = FeatureView.concat([sub, view.select([3, 5])])
     assert np.array_equal(np.asarray(both), np.asarray(view)[list(range(0, 100, 2)) + [3, 5]])
     assert np.array_equal(view[10:20], np.asarray(view)[10:20]) and np.array_equal(view[7], np.asarray(view)[7])
+    # long consecutive runs are read from the files, random rows through the maps: the same values
+    monkeypatch.setattr(S, "CONTIGUOUS_READ", 10**9)
+    mapped = np.asarray(view)
+    monkeypatch.setattr(S, "CONTIGUOUS_READ", 2)
+    assert np.array_equal(np.asarray(view), mapped) and np.array_equal(view[35:85], mapped[35:85])
     # replacing one id's features: a new shard, the index points there; the others are untouched
     store.append(["i3"], ["new"], ["s2"], np.full((1, 12), 0.5, np.float32))
     again = EmbeddingStore.open(tmp_path, "bb", 12)

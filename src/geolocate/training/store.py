@@ -29,6 +29,7 @@ from ..progress import console, tagged
 
 INDEX = "index.parquet"
 SHARD_ROWS = 1 << 17   # rows per shard written by one append (131072 x 1280 float16 = 335 MB)
+CONTIGUOUS_READ = 4096  # a gather of at least this many consecutive rows of a shard reads the file instead of the map
 
 
 def shard_name(i: int) -> str:
@@ -270,7 +271,12 @@ class FeatureView:
                 continue
             where = np.flatnonzero(loc[:, 0] == s)
             order = np.argsort(loc[where, 1], kind="stable")
-            out[where[order]] = self.store._map(s)[loc[where[order], 1]]
+            rows = loc[where[order], 1]
+            mm = self.store._map(s)
+            if len(rows) >= CONTIGUOUS_READ and rows[-1] - rows[0] + 1 == len(rows):
+                out[where[order]] = _read_rows(mm, int(rows[0]), len(rows))
+            else:
+                out[where[order]] = mm[rows]
         return out
 
     __getitem__ = rows
@@ -282,6 +288,15 @@ class FeatureView:
     def ok(self) -> np.ndarray:
         """Which rows exist (not missing)."""
         return self.loc[:, 1] >= 0
+
+
+def _read_rows(mm: np.memmap, start: int, count: int) -> np.ndarray:
+    """Rows ``start:start+count`` of a shard read from its file: a long sequential read (a kNN or gallery block)
+    through the page cache instead of the mapping, so it does not stay in this process's resident set."""
+    f = mm.shape[1]
+    with open(mm.filename, "rb") as fh:
+        fh.seek(mm.offset + start * f * mm.dtype.itemsize)
+        return np.fromfile(fh, dtype=mm.dtype, count=count * f).reshape(count, f)
 
 
 def _as_numpy_index(key):
