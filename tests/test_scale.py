@@ -264,3 +264,54 @@ def test_two_gloo_processes_train_the_same_head_as_one(tmp_path):
     assert [round(h["train_loss"], 4) for h in results[0]["history"]] == [round(h["train_loss"], 4) for h in one_state["history"]]
     # rank 0 writes the checkpoint, rank 1 writes nothing
     assert (tmp_path / "rank0" / "last.pt").is_file() and not (tmp_path / "rank1").exists()
+
+
+def _ddp_experiment(rank: int, world: int, port: int, cfg, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), GEOLOCATE_PROGRESS="0")
+    from geolocate.runs.experiment import run_experiment
+    from geolocate.training import distributed as D
+
+    try:
+        run_dir = run_experiment(cfg)
+        Path(out, f"run{rank}.txt").write_text(str(run_dir))
+    finally:
+        D.shutdown()
+
+
+def test_a_two_process_run_writes_once_and_matches_one_process(trained_copy, tmp_path):
+    """run_experiment on 2 gloo ranks: one run folder (rank 0's), world_size 2 in its summary, the 1-process
+    run's validation curve; rank 1 creates no run of its own."""
+    import torch.multiprocessing as mp
+
+    from geolocate.io import read_json
+    from geolocate.runs.experiment import run_experiment
+
+    cfg, _, _ = trained_copy
+    cfg.train.epochs, cfg.train.min_epochs, cfg.model.dropout, cfg.eval.refine = 3, 0, 0.0, "off"
+    runs = Path(cfg.paths.runs_dir)
+    before = {p.name for p in runs.iterdir()}
+    mp.spawn(_ddp_experiment, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    new = {p.name for p in runs.iterdir()} - before
+    run_dir = Path((tmp_path / "run0.txt").read_text())
+    assert new == {run_dir.name} and (tmp_path / "run1.txt").read_text() == str(run_dir)
+    assert read_json(run_dir / "summary.json")["config"]["world_size"] == 2
+    single = run_experiment(cfg)
+    assert read_json(single / "summary.json")["config"] | {"world_size": 2} == read_json(run_dir / "summary.json")["config"]
+    import polars as pl
+
+    a, b = pl.read_csv(run_dir / "metrics.csv"), pl.read_csv(single / "metrics.csv")
+    assert np.allclose(a["val_loss"].to_numpy(), b["val_loss"].to_numpy(), atol=1e-5)
+    assert np.allclose(a["train_loss"].to_numpy(), b["train_loss"].to_numpy(), atol=1e-5)
+
+
+def test_train_on_a_missing_device_fails_with_one_line_before_any_run(trained_copy):
+    from geolocate.runs.experiment import run_experiment
+
+    cfg, _, _ = trained_copy
+    runs = sorted(Path(cfg.paths.runs_dir).iterdir())
+    cfg.train.precision = "fp16"
+    cfg.train.device = "cpu"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        run_experiment(cfg)
+    assert sorted(Path(cfg.paths.runs_dir).iterdir()) == runs

@@ -31,6 +31,7 @@ from ..progress import console, tagged
 from ..training import Split, Trainer, embed_paths, load_checkpoint, seed_everything
 from ..training import distributed as D
 from ..training.embeddings import cached_embedding_view
+from ..training.precision import Precision
 from ..training.store import FeatureView
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
 from ..training.augment import augment_for, image_batch, with_augmented_copies
@@ -85,6 +86,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     runs_dir = Path(cfg.paths.runs_dir)
     env = D.current()
     main = env.is_main  # rank 0 writes every file, promotes and prints; the other ranks only train
+    Precision(cfg.train.precision, D.device_for(cfg.train.device, env))  # a missing CUDA or fp16 on CPU: one line, before any file
     if resume:
         run_dir = Path(resume)
         cfg = Config.from_dict(read_json(run_dir / "config.json"))
