@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -24,16 +26,29 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def gallery_blocks(feats, max_block_bytes: int):
+PROGRESS_ROWS = 200_000  # a pass over a gallery at least this large shows a progress bar
+
+
+def gallery_blocks(feats, max_block_bytes: int, desc: str | None = None):
     """(start, L2-normalised float32 rows) of ``feats`` in blocks of at most ``max_block_bytes``.
 
     ``feats``: any array-like whose ``feats[a:b]`` is an array: a numpy array, a float16 memory map, or a
     :class:`~geolocate.training.store.FeatureView` of the embedding store; only one block is in memory at a time.
+    ``desc``: a progress bar of that name over a large gallery.
     """
+    from ..progress import progress_bar
+
     n, f = len(feats), feats.shape[1]
     rows = max(1, min(n, max_block_bytes // max(4 * f, 1)))
-    for s in range(0, n, rows):
-        yield s, _normalise(np.asarray(feats[s:s + rows], dtype=np.float32))
+    with progress_bar(desc or "", n) if desc and n >= PROGRESS_ROWS else _no_bar() as advance:
+        for s in range(0, n, rows):
+            yield s, _normalise(np.asarray(feats[s:s + rows], dtype=np.float32))
+            advance(min(rows, n - s))
+
+
+@contextlib.contextmanager
+def _no_bar():
+    yield lambda n=1, description=None: None
 
 
 def merge_top(best_v: np.ndarray, best_i: np.ndarray, v: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +77,7 @@ def knn_predict(train_feats, train_labels: np.ndarray, train_lat: np.ndarray, tr
     kk = min(k, G)
     best_v = np.full((n, kk), -np.inf, dtype=np.float32)
     best_i = np.full((n, kk), -1, dtype=np.int64)
-    for g0, g in gallery_blocks(train_feats, max_block_bytes):
+    for g0, g in gallery_blocks(train_feats, max_block_bytes, desc=f"kNN baseline ({n:,} queries)"):
         order = np.argsort(labels[g0:g0 + len(g)], kind="stable")
         g = g[order]
         present, starts = np.unique(labels[g0:g0 + len(g)][order], return_index=True)

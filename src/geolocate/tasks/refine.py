@@ -52,7 +52,7 @@ class Gallery:
         from ..evaluation.baselines import gallery_blocks
 
         out = np.empty((len(feats), feats.shape[1]), np.float16)
-        for s, block in gallery_blocks(feats, max_block_bytes):
+        for s, block in gallery_blocks(feats, max_block_bytes, desc="gallery"):
             out[s:s + len(block)] = block
         return cls(out, np.asarray(lat, np.float64), np.asarray(lon, np.float64),
                    np.asarray(labels, np.int32), features, int(num_classes),
