@@ -182,7 +182,7 @@ class Trainer:
 
     # ---- phases ----------------------------------------------------------------
     def fit_head(self, head: nn.Module, train: Split, val: Split, resume: dict | None = None) -> dict:
-        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:  # (x, this rank's rows, global batch size)
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + epoch)
             perm = torch.randperm(len(train), generator=g)
             for s in range(0, len(train), self.tc.batch_size):
