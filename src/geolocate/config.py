@@ -137,7 +137,8 @@ class TrainConfig:
     embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
     threads: int = 1              # torch intra-op threads while training (0 = torch's default, the machine's cores)
-    device: str = "cpu"
+    device: str = "auto"          # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N": both phases and embedding
+    precision: str = "fp32"       # "fp32", "bf16" (autocast; CPU or CUDA), "fp16" (autocast + GradScaler; CUDA only)
 
 
 @dc.dataclass
@@ -237,6 +238,7 @@ class Config:
         from .training.loop import MONITORS  # the signals live with the loop
         from .training.losses import LOSSES  # registry lives with the losses
         from .models.heads import HEADS  # registry lives with the heads
+        from .training.precision import PRECISIONS, check_device
 
         gates = gate_metrics()
 
@@ -276,6 +278,8 @@ class Config:
             (self.train.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}, got {self.train.monitor!r}"),
             (0 <= self.train.monitor_ema < 1, "train.monitor_ema must be in [0, 1)"),
             (self.train.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
+            (check_device(self.train.device) is None, check_device(self.train.device) or ""),
+            (self.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}"),
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),

@@ -21,6 +21,19 @@ class GeoOutput:
     offset: torch.Tensor | None = None
     coords: torch.Tensor | None = None
 
+    def map(self, fn) -> "GeoOutput":
+        """The same outputs with ``fn`` applied to every tensor (e.g. ``lambda t: t.float().cpu()``)."""
+        f = lambda t: None if t is None else fn(t)  # noqa: E731
+        return GeoOutput({k: fn(v) for k, v in self.logits.items()}, f(self.features), f(self.offset), f(self.coords))
+
+    @staticmethod
+    def cat(outs: list["GeoOutput"]) -> "GeoOutput":
+        """Batches of outputs joined along the batch axis."""
+        first = outs[0]
+        c = lambda get: None if get(first) is None else torch.cat([get(o) for o in outs])  # noqa: E731
+        return GeoOutput({k: torch.cat([o.logits[k] for o in outs]) for k in first.logits}, c(lambda o: o.features),
+                         c(lambda o: o.offset), c(lambda o: o.coords))
+
     def take(self, rows) -> "GeoOutput":
         """The same outputs for ``rows`` (a slice or an index tensor) of the batch."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731

@@ -87,7 +87,9 @@ def assess_confidence(cfg, run_dir: Path, model_path: Path, meta: dict, calibrat
             sha, size = meta["refine"]["gallery_sha256"], meta["refine"]["gallery_size"]
             gallery = Gallery.load(gallery_path(model_path), sha256=sha)
         else:
-            gallery = Gallery.build(train.feats.numpy(), train.lat.numpy(), train.lon.numpy(), train.labels.numpy(), features, len(classes))
+            from .experiment import as_array
+
+            gallery = Gallery.build(as_array(train.feats), train.lat.numpy(), train.lon.numpy(), train.labels.numpy(), features, len(classes))
             sha, size = gallery.save(gallery_path(model_path)), len(gallery)
         k = ev.ood_neighbours
         s_val = O.knn_distance(gallery.feats, val.feats.numpy(), k)

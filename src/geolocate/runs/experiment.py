@@ -29,7 +29,11 @@ from ..io import read_json, write_json, write_parquet
 from ..labels import LabelSpace
 from ..models import HEADS, GeoModel, create_backbone, create_head, is_pretrained, save_model
 from ..progress import console, tagged
-from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
+from ..training import Split, Trainer, embed_paths, load_checkpoint, seed_everything
+from ..training import distributed as D
+from ..training.embeddings import cached_embedding_view
+from ..training.precision import Precision
+from ..training.store import FeatureView
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
 from ..evaluation.regions import RegionSpace
 from ..training.augment import augment_for, image_batch, with_augmented_copies
@@ -46,12 +50,19 @@ def new_run_id(cfg: Config) -> str:
             f"_{digest}-{secrets.token_hex(3)}")
 
 
-def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str) -> tuple[Split, np.ndarray]:
+def _split(df: pl.DataFrame, feats: FeatureView | None, name: str, lazy: bool = False) -> tuple[Split, np.ndarray]:
+    """One split; ``lazy``: its features stay a view of the memory-mapped store (read per batch), else in memory."""
     mask = (df["split"] == name).to_numpy()
+    f = None if feats is None else feats.select(mask) if lazy else torch.as_tensor(np.asarray(feats.select(mask)))
     s = Split(labels=torch.as_tensor(df["label"].to_numpy()[mask], dtype=torch.long),
               lat=torch.as_tensor(df["lat"].to_numpy()[mask]), lon=torch.as_tensor(df["lon"].to_numpy()[mask]),
-              feats=torch.as_tensor(feats[mask]) if feats is not None else None, paths=df["path"].to_numpy()[mask].tolist())
+              feats=f, paths=df["path"].to_numpy()[mask].tolist())
     return s, mask
+
+
+def as_array(feats):
+    """Features for the numpy consumers (kNN, gallery): a tensor's array, or the view itself (read in blocks)."""
+    return feats.numpy() if isinstance(feats, torch.Tensor) else feats
 
 
 def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str | None = None) -> Path:
@@ -60,6 +71,8 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
     threads = Config.from_dict(read_json(Path(resume) / "config.json")).train.threads if resume else cfg.train.threads
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     was_threads = torch.get_num_threads()
+    env = D.init_distributed(cfg.train.device)  # under torchrun: one rank of a data-parallel run
+    D.quiet_unless_main(env)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if threads:
         torch.set_num_threads(threads)
@@ -74,19 +87,24 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     t_start = time.time()
     trk = get_tracker(tracker)  # an unusable tracker fails here, before any training
     runs_dir = Path(cfg.paths.runs_dir)
+    env = D.current()
+    main = env.is_main  # rank 0 writes every file, promotes and prints; the other ranks only train
+    Precision(cfg.train.precision, D.device_for(cfg.train.device, env))  # a missing CUDA or fp16 on CPU: one line, before any file
     if resume:
         run_dir = Path(resume)
         cfg = Config.from_dict(read_json(run_dir / "config.json"))
         resume_state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         console.print(f"resuming {run_dir} from epoch {resume_state['epoch']} ({resume_state['phase']})", markup=False)
     else:
-        run_dir = runs_dir / new_run_id(cfg)
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir(exist_ok=False)  # a run directory belongs to exactly one run
+        run_dir = runs_dir / D.broadcast_object(new_run_id(cfg), env)
+        if main:
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(exist_ok=False)  # a run directory belongs to exactly one run
         resume_state = None
     run_id = run_dir.name
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg.to_dict())
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
     seed_everything(cfg.train.seed)
 
     df, labels, stats = load_index(cfg)
@@ -103,12 +121,13 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     ids, paths = df["id"].to_list(), df["path"].to_list()
     feats = None
     if pretrained:
-        feats, ok = cached_embeddings(backbone, ids, paths, cache_dir, engine=cfg.train.embed_engine)
+        feats, ok = D.main_first(env, lambda: cached_embedding_view(backbone, ids, paths, cache_dir, engine=cfg.train.embed_engine,
+                                                                    device=cfg.train.device))
         if (~ok).any():
             console.print(tagged("warning", f"{(~ok).sum()} unreadable images left out of this run"))
-            df, feats = df.filter(pl.Series(ok)), feats[ok]
+            df, feats = df.filter(pl.Series(ok)), feats.select(ok)
             ids, paths = df["id"].to_list(), df["path"].to_list()
-    train, mtr = _split(df, feats, "train")
+    train, mtr = _split(df, feats, "train", lazy=True)
     val, mva = _split(df, feats, "val")
     test, mte = _split(df, feats, "test")
     if len(train) == 0 or len(val) == 0:
@@ -128,8 +147,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     state: dict = {}
     augment = augment_for(cfg, stats.get("sources", {}))  # training only: copies of the train split's embeddings, fine-tuning batches
     if pretrained and not (resume_state and resume_state["phase"] == "finetune"):
-        fit_train = with_augmented_copies(train, backbone, df["id"].to_numpy()[mtr].tolist(), train.paths, cache_dir, augment,
-                                          cfg.augment.copies, cfg.train.embed_engine)
+        fit_train = D.main_first(env, lambda: with_augmented_copies(train, backbone, df["id"].to_numpy()[mtr].tolist(), train.paths,
+                                                                    cache_dir, augment, cfg.augment.copies, cfg.train.embed_engine))
         state = trainer.fit_head(head, fit_train, val, resume_state)
         history[:] = state["history"]
     if finetune_epochs > 0:
@@ -138,8 +157,12 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                                      resume=resume_state if resume_state and resume_state["phase"] == "finetune" else None,
                                      history=state.get("history", []), start=state.get("stopper"))
         history[:] = state["history"]
+    if not main:
+        return run_dir  # rank 0 evaluates and writes every artifact
+    if finetune_epochs > 0:
         # features of the trained backbone for evaluation and kNN
-        feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)", engine=cfg.train.embed_engine)
+        feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)", engine=cfg.train.embed_engine,
+                                device=cfg.train.device)
         for s, m in ((train, mtr), (val, mva), (test, mte)):
             s.feats = torch.as_tensor(np.nan_to_num(feats[m]))
     A.write_metrics_csv(run_dir / "metrics.csv", history)
@@ -176,7 +199,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         metrics[name] = ablation["refined" if shipped else "head_point" if head.has_point else "cell_anchor"][name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
         baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon, regions=regions)
-        sc, pla, plo = knn_predict(train.feats.numpy(), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
+        sc, pla, plo = knn_predict(as_array(train.feats), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
                                    s.feats.numpy(), n_cls, k=cfg.eval.knn_k)
         baselines["knn"][name] = evaluate(sc, y, la, lo, pla, plo, regions=regions)
         if name == "test":
@@ -230,8 +253,10 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "dataset": {"fingerprint": stats["fingerprint"], "split_fingerprint": split_fp, "images": int(df.height), "cells": n_cls, "h3_resolution": stats["h3_resolution"],
                     "splits": split_counts, "sources": stats.get("sources", {})},
         "config": {"backbone": spec, "head": cfg.model.head, "head_kwargs": dict(head.kwargs),
-                   "levels": [lv.name for lv in space.levels], "loss": cfg.train.loss, "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs,
-                   "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "geo_tau_km": cfg.train.geo_tau_km,
+                   "levels": [lv.name for lv in space.levels], "loss": cfg.train.loss, "epochs": cfg.train.epochs,
+                   "finetune_epochs": cfg.train.finetune_epochs,
+                   "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "device": str(trainer.device),
+                   "precision": cfg.train.precision, "world_size": env.world_size, "geo_tau_km": cfg.train.geo_tau_km,
                    "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "threads": torch.get_num_threads(),
                    "monitor": cfg.train.monitor, "monitor_ema": cfg.train.monitor_ema, "patience": cfg.train.patience,
                    "min_epochs": cfg.train.min_epochs, "knn_k": cfg.eval.knn_k,
@@ -296,7 +321,7 @@ def choose_refinement(cfg, train: Split, val: Split, val_probs, val_points, feat
     from ..geo import place_names
 
     la, lo = train.lat.numpy(), train.lon.numpy()
-    gallery = Gallery.build(train.feats.numpy(), la, lo, train.labels.numpy(), features, n_cls,
+    gallery = Gallery.build(as_array(train.feats), la, lo, train.labels.numpy(), features, n_cls,
                             places=[p["label"] for p in place_names(zip(la, lo))])
     params, val_km = choose_params(gallery, val.feats.numpy(), val_probs, val.lat.numpy(), val.lon.numpy(), class_lat, class_lon,
                                    fallback=val_points)

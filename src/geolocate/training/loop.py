@@ -15,7 +15,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,8 +25,15 @@ from ..catalogue import better, metric
 from ..geo import geoscore, haversine_km
 from ..io import atomic_write, one_line
 from ..progress import progress_bar
+from . import distributed as D
 from .losses import LossContext, class_weights_from_counts
+from .precision import Precision
 from .sampling import epoch_order, hard_negative_weights
+from ..models.outputs import GeoOutput
+
+
+if TYPE_CHECKING:
+    from .store import FeatureView
 
 
 def seed_everything(seed: int) -> None:
@@ -91,7 +98,7 @@ class Split:
     labels: torch.Tensor
     lat: torch.Tensor
     lon: torch.Tensor
-    feats: torch.Tensor | None = None
+    feats: "torch.Tensor | FeatureView | None" = None   # a FeatureView: rows of the memory-mapped store, read per batch
     paths: list[str] | None = None
 
     def __len__(self) -> int:
@@ -130,6 +137,25 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return f
 
 
+def feature_rows(feats, idx=None) -> torch.Tensor:
+    """float32 rows ``idx`` (all when None) of a tensor or a :class:`~geolocate.training.store.FeatureView`."""
+    if isinstance(feats, torch.Tensor):
+        return feats if idx is None else feats[idx]
+    return torch.from_numpy(feats.rows(slice(None) if idx is None else idx))
+
+
+def _ctx_on(ctx: LossContext, device: torch.device) -> LossContext:
+    if device.type == "cpu":
+        return ctx
+    cw = None if ctx.class_weights is None else ctx.class_weights.to(device)
+    return LossContext(ctx.class_lat.to(device), ctx.class_lon.to(device), cw, ctx.tau_km, ctx.mix_ce, ctx.name,
+                       ctx.level_weight, ctx.reg_weight)
+
+
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.float().cpu()
+
+
 class Trainer:
     """Trains a registered head (frozen phase) or backbone + head (fine-tuning) on one label space; every loss and
     validation number goes through the head's own ``loss`` and ``decode``."""
@@ -147,21 +173,30 @@ class Trainer:
                                self.tc.level_weight, self.tc.reg_weight)
         self.ckpt_dir = Path(ckpt_dir)
         self.on_epoch = on_epoch or (lambda row: None)
+        # device, precision and data parallelism (training/precision.py, training/distributed.py)
+        self.dist = D.current()
+        self.device = D.device_for(self.tc.device, self.dist)
+        self.precision = Precision(self.tc.precision, self.device)
+        self.train_ctx = _ctx_on(self.ctx, self.device)
 
     # ---- evaluation on a split ------------------------------------------------
     def val_metrics(self, head: nn.Module, out, split: Split) -> dict:
-        """Validation numbers of one ``GeoOutput`` on ``split``, through the head's decode (its answer point)."""
+        """Validation numbers of one ``GeoOutput`` on ``split``, through the head's decode (its answer point), on the
+        head's device."""
+        dev = next(head.parameters()).device
+        out = out.map(lambda t: t.to(dev))
         dec = head.decode(out)
-        lp = dec.log_probs
+        lp = dec.log_probs.float().cpu()
         pred = lp.argmax(1)
         if dec.point is not None:
-            pt_lat, pt_lon = dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy()
+            pt_lat, pt_lon = dec.point[:, 0].double().cpu().numpy(), dec.point[:, 1].double().cpu().numpy()
         else:
             pt_lat, pt_lon = self.class_lat[pred].numpy(), self.class_lon[pred].numpy()
         d = haversine_km(split.lat.numpy(), split.lon.numpy(), pt_lat, pt_lon)
         top5 = lp.topk(min(5, lp.shape[1]), dim=1).indices
+        y, la, lo = (t.to(dev) for t in (split.labels, split.lat, split.lon))
         return {
-            "val_loss": float(head.loss(out, split.labels, split.lat, split.lon, self.ctx)),
+            "val_loss": float(head.loss(out, y, la, lo, self.ctx if dev.type == "cpu" else self.train_ctx)),
             "val_top1": float((pred == split.labels).float().mean()),
             "val_top5": float((top5 == split.labels[:, None]).any(1).float().mean()),
             "val_median_km": float(np.median(d)),
@@ -170,24 +205,29 @@ class Trainer:
 
     # ---- phases ----------------------------------------------------------------
     def fit_head(self, head: nn.Module, train: Split, val: Split, resume: dict | None = None) -> dict:
-        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:  # (x, this rank's rows, global batch size)
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + epoch)
             weights = None
             if self.tc.hard_negatives > 0 and epoch > 1:  # the confusions of the head as it enters this epoch
                 with torch.no_grad():
                     head.eval()
-                    pred = head.decode(head(train.feats)).log_probs.argmax(1).numpy()
+                    pred = torch.cat([head.decode(head(feature_rows(train.feats, torch.arange(s, min(s + 65536, len(train))))
+                                                       .to(self.device))).log_probs.argmax(1).cpu()
+                                      for s in range(0, len(train), 65536)]).numpy()
                     head.train()
                 weights = hard_negative_weights(pred, train.labels.numpy(), self.labels.num_classes, self.tc.hard_negatives)
             perm = epoch_order(len(train), g, weights)
             for s in range(0, len(train), self.tc.batch_size):
-                idx = perm[s:s + self.tc.batch_size]
-                yield train.feats[idx], idx
+                batch = perm[s:s + self.tc.batch_size]
+                idx = D.shard(batch, self.dist)  # this rank's share of the global batch
+                yield feature_rows(train.feats, idx).to(self.device, non_blocking=True), idx, len(batch)
 
         @torch.no_grad()
         def evaluate():
             head.eval()
-            return head(val.feats)
+            with self.precision.autocast():
+                return GeoOutput.cat([head(feature_rows(val.feats, torch.arange(s, min(s + 65536, len(val)))).to(self.device)).map(_to_cpu)
+                                      for s in range(0, len(val), 65536)])
 
         opt = torch.optim.AdamW(head.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         return self._run("frozen", self.tc.epochs, head, head, opt, batches, train, val, evaluate, resume)
@@ -209,14 +249,17 @@ class Trainer:
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + 500 + epoch)
             perm = torch.randperm(len(train), generator=g)
             for s in range(0, len(train), self.tc.batch_size):
-                idx = perm[s:s + self.tc.batch_size]
-                yield batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g), idx
+                batch = perm[s:s + self.tc.batch_size]
+                idx = D.shard(batch, self.dist)
+                x = batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g).to(self.device) if len(idx) else None
+                yield x, idx, len(batch)
 
         @torch.no_grad()
         def evaluate():
             model.eval()
-            feats = torch.cat([model.backbone(batch_fn(model, val.paths[s:s + 64], False, None)) for s in range(0, len(val), 64)])
-            return model.head(feats)
+            with self.precision.autocast():
+                return GeoOutput.cat([model(batch_fn(model, val.paths[s:s + 64], False, None).to(self.device)).map(_to_cpu)
+                                      for s in range(0, len(val), 64)])
 
         opt = torch.optim.AdamW([
             {"params": model.head.parameters(), "lr": self.tc.lr},
@@ -234,6 +277,9 @@ class Trainer:
         Returns the state: ``stopper`` (``EarlyStopping`` fields; ``best_row`` is the history row of the weights
         loaded back into ``module``), ``stopped_early``, ``history``.
         """
+        module.to(self.device)
+        main = self.dist.is_main
+        scaler = self.precision.scaler
         steps_per_epoch = max(1, math.ceil(len(train) / self.tc.batch_size))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, self.tc.warmup_epochs * steps_per_epoch))
         stopper = early_stopping(self.tc)
@@ -262,27 +308,39 @@ class Trainer:
                 t0 = time.time()
                 module.train()
                 total, count = 0.0, 0
-                for x, idx in batches(epoch):
-                    loss = head.loss(module(x), train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
+                for x, idx, n_batch in batches(epoch):
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if len(idx):
+                        y, la, lo = (t[idx].to(self.device) for t in (train.labels, train.lat, train.lon))
+                        with self.precision.autocast():
+                            loss = head.loss(module(x), y, la, lo, self.train_ctx)
+                        # this rank's share of the global batch mean; the shares' gradients are summed over ranks
+                        scaler.scale(loss * (len(idx) / n_batch) if self.dist.enabled else loss).backward()
+                        total += loss.item() * len(idx)
+                        count += len(idx)
+                    D.all_reduce_grads(module.parameters(), self.dist)
+                    scaler.unscale_(opt)
                     if self.tc.grad_clip > 0:
                         nn.utils.clip_grad_norm_(module.parameters(), self.tc.grad_clip)
-                    opt.step()
+                    scaler.step(opt)
+                    scaler.update()
                     sched.step()
-                    total += loss.item() * len(idx)
-                    count += len(idx)
+                total, count = D.all_reduce_sum([total, count], self.dist)
+                D.broadcast_buffers(module, self.dist)
                 row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(head, evaluate(), val),
                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
+                row = D.broadcast_object(row, self.dist)  # one decision on every rank
                 state["history"].append(row)
                 if stopper.update(row):
                     state["best_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 state.update(epoch=epoch, stopper=dc.asdict(stopper))
-                save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
-                                                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
-                self.on_epoch(row)
+                if main:  # rank 0 writes
+                    save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
+                                                               "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
+                    self.on_epoch(row)
                 advance(1, description=f"train ({phase}) val median {metric('median_km').fmt(row['val_median_km'], unit=True)}")
         state["stopper"] = dc.asdict(stopper)
         if state["best_state"] is not None:
             module.load_state_dict(state["best_state"])
+        module.to("cpu")
         return state
