@@ -15,7 +15,7 @@ The demo pipeline (``configs/demo.yaml``) is built once; every variant trains on
 Writes ``bench/results/geo_ablation.json``: ``rows`` of ``{"variant", "seed", "split", "n", "median_km", "p90_km",
 "acc_200km", "acc_2500km", "geoscore"}``, the ``summary`` (mean ± std over seeds) and which configuration won per seed.
 
-    python bench/bench_geo_ablation.py [--count 6000] [--seeds 0 1 2] [--variants baseline offset ...]
+    python bench/bench_geo_ablation.py [--count 6000] [--seeds 0 1 2] [--variants baseline offset ...] [--merge]
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", action="store_true", help="replace only the given variants' rows in --out")
     args = ap.parse_args(argv)
     from geolocate.config import Config
     from geolocate.runs.experiment import run_experiment
@@ -92,11 +93,16 @@ def main(argv: list[str] | None = None) -> dict:
                 for split in ("val", "test"):
                     rows.append({"variant": "refine" if name == "baseline+refine" else name, "seed": seed, "split": split,
                                  **{k: m[split][k] for k in KEYS}})
-            pick = min((n for n in candidates if n != "knn1"), key=lambda n: candidates[n]["val"]["median_km"])
-            winners[seed] = pick
-            for split in ("val", "test"):
-                rows.append({"variant": "best", "seed": seed, "split": split, **{k: candidates[pick][split][k] for k in KEYS}})
-            print(f"seed {seed}: best on validation = {pick}", flush=True)
+    if args.merge and args.out.is_file():  # keep the other variants' rows of an earlier run
+        rerun = {r["variant"] for r in rows}
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["variant"] not in rerun | {"best"}] + rows
+    rows = [r for r in rows if r["variant"] != "best"]
+    for seed in sorted({r["seed"] for r in rows}):
+        val = {r["variant"]: r for r in rows if r["seed"] == seed and r["split"] == "val" and r["variant"] != "knn1"}
+        pick = min(val, key=lambda n: val[n]["median_km"])
+        winners[seed] = pick
+        rows += [{**r, "variant": "best"} for r in rows if r["seed"] == seed and r["variant"] == pick]
+        print(f"seed {seed}: best on validation = {pick}", flush=True)
     summary = []
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for split in ("val", "test"):

@@ -218,7 +218,8 @@ def test_augmented_copies_train_only_and_evaluation_is_untouched(trained_copy):
     from geolocate.models import create_backbone
     from geolocate.runs.experiment import run_experiment
     from geolocate.training.augment import augment_for
-    from geolocate.training.embeddings import cached_embeddings, load_cache
+    from geolocate.training.embeddings import cached_embeddings
+    from geolocate.training.store import EmbeddingStore
     from geolocate.index import load_index
     from geolocate.io import read_json
 
@@ -230,7 +231,8 @@ def test_augmented_copies_train_only_and_evaluation_is_untouched(trained_copy):
     df, _, _ = load_index(cfg)
     plain, _ = cached_embeddings(backbone, df["id"].to_list(), df["path"].to_list(), cache_dir)
     run = run_experiment(cfg)
-    entries = load_cache(cache_dir / f"{backbone.cache_name}.npz", backbone.num_features)
+    store = EmbeddingStore.open(cache_dir, backbone.cache_name, backbone.num_features)
+    entries = store.index.ids.tolist()
     key = augment_for(cfg).key
     aug_ids = {i.split("#")[0] for i in entries if "#" in i}
     train_ids = set(df.filter(pl.col("split") == "train")["id"].to_list())
@@ -238,7 +240,7 @@ def test_augmented_copies_train_only_and_evaluation_is_untouched(trained_copy):
     after, _ = cached_embeddings(backbone, df["id"].to_list(), df["path"].to_list(), cache_dir)
     assert np.array_equal(after, plain)   # the originals (and so val/test) are unchanged
     some = sorted(train_ids)[0]
-    assert not np.allclose(entries[some].feat, entries[f"{some}#{key}.0"].feat)
+    assert not np.allclose(*store.features([some, f"{some}#{key}.0"]))
     assert read_json(run / "config.json")["augment"]["copies"] == 1
     # the run's val metrics come from the un-augmented val embeddings: rescoring them reproduces the summary
     import torch

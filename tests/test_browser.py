@@ -57,6 +57,9 @@ def test_page_upload_shows_five_cells_on_the_map(trained, photos_dir, tmp_path):
                 assert f"{100 * c['probability']:.1f}%" in table
             summary = page.locator("#summary").inner_text()
             assert expected["place"] in summary and "EXIF GPS" in summary and "km" in summary
+            # honest confidence: the street photo to the aerial model is flagged; the cell set and regions are said
+            assert expected["ood"] and expected["warning"] in summary and page.locator("#summary .warn").count() == 1
+            assert f"90% set: {expected['prediction_set']['sentence']}" in summary and "regions: " + expected["regions"][0]["region"] in summary
             assert page.locator("#marks circle.mark-truth").count() == 1
             shot = tmp_path / "geolocate_page.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -76,6 +79,38 @@ def test_page_upload_shows_five_cells_on_the_map(trained, photos_dir, tmp_path):
 
             assert not errors, errors
             assert all(u.startswith(url) or u.startswith(("blob:", "data:")) for u in requests), requests
+        finally:
+            browser.close()
+
+
+def test_page_uploads_four_views_as_one_place(trained, photos_dir):
+    from playwright.sync_api import sync_playwright
+
+    geo = onnx_geolocator(trained)
+    names = [PHOTO, "000_IMG_7159.jpg", "010_001.jpg", "021_DSCN0010.jpg"]
+    with serve_in_thread(create_app(geo)) as url, sync_playwright() as pw:
+        files = [("file", (n, (photos_dir / n).read_bytes(), "image/jpeg")) for n in names]
+        expected = httpx.post(f"{url}/predict", files=files, timeout=60).json()
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 820})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_function("document.body.dataset.ready === '1'", timeout=20_000)
+            page.set_input_files("#file", [str(photos_dir / n) for n in names])
+            page.wait_for_function("document.body.dataset.state === 'done'", timeout=30_000)
+            rows = page.locator("#results tbody tr.cell-row")
+            assert [rows.nth(i).get_attribute("data-cell") for i in range(rows.count())] == [c["cell"] for c in expected["top"]]
+            assert "4 views of one place" in page.locator("#summary").inner_text()
+            assert page.locator("#summary .dropped").count() == 0
+            assert "4 views" in page.locator("#status").inner_text()
+            # five photos: the server's one-line refusal is shown, nothing else
+            page.set_input_files("#file", [str(photos_dir / n) for n in names + ["013_IMG_20180725_163423.jpg"]])
+            page.wait_for_function("document.body.dataset.state === 'error'", timeout=20_000)
+            assert "send at most 4 views of one place" in page.locator("#error").inner_text()
+            assert page.locator("#results").is_hidden() and page.locator("#cells path.cell").count() == 0
+            assert not errors, errors
         finally:
             browser.close()
 

@@ -9,6 +9,7 @@ from geolocate.catalogue import CATALOGUE, better, direction, find, gate_metrics
 from geolocate.config import Config, ConfigError
 from geolocate.evaluation import evaluate
 from geolocate.evaluation.metrics import improves
+from geolocate.evaluation.regions import RegionSpace
 from geolocate.training.loop import MONITORS, VAL_ROW_METRICS, EarlyStopping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +33,10 @@ def test_every_evaluated_metric_is_catalogued():
     rng = np.random.default_rng(0)
     scores = rng.random((6, 8))
     lat, lon = rng.uniform(-60, 60, 6), rng.uniform(-170, 170, 6)
-    out = evaluate(scores, rng.integers(0, 8, 6), lat, lon, lat + 1, lon + 1)
+    regions = RegionSpace.from_points(rng.uniform(-60, 60, 8), rng.uniform(-170, 170, 8))
+    out = evaluate(scores, rng.integers(0, 8, 6), lat, lon, lat + 1, lon + 1, regions=regions)
     assert set(out) == {m.name for m in CATALOGUE.values() if m.in_summary}
+    assert not {"region_wtop5", "competition"} & set(evaluate(scores, rng.integers(0, 8, 6), lat, lon, lat, lon))
 
 
 @pytest.mark.parametrize("name", DIRECTED)

@@ -111,7 +111,7 @@ def test_hierarchical_masking_never_answers_outside_the_chosen_parents():
 
 def test_an_exact_offset_decodes_to_the_exact_point():
     ls = space()
-    head = create_head("offset", ls.num_classes, ls, dropout=0.0).eval()
+    head = create_head("offset", ls.num_classes, ls, dropout=0.0, shrink=False).eval()
     rng = np.random.default_rng(0)
     truth_lat = ls.lat + rng.uniform(-0.3, 0.3, len(ls))
     truth_lon = ls.lon + rng.uniform(-0.3, 0.3, len(ls))
@@ -122,12 +122,21 @@ def test_an_exact_offset_decodes_to_the_exact_point():
         head.fc.weight.copy_(torch.eye(len(ls)) * 10)  # one-hot feature k -> class k
         w = torch.zeros(len(ls) * 2, len(ls))
         for k in range(len(ls)):
-            w[2 * k, k], w[2 * k + 1, k] = torch.atanh(e[k] / head.bound_km), torch.atanh(n[k] / head.bound_km)
+            w[2 * k, k], w[2 * k + 1, k] = torch.atanh(e[k] / head.bound[k]), torch.atanh(n[k] / head.bound[k])
         head.offset_fc.weight.copy_(w)
         dec = head.decode(head(torch.eye(len(ls))))
     assert torch.equal(dec.probabilities.argmax(1), torch.arange(len(ls)))
     d = haversine_km(truth_lat, truth_lon, dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy())
     assert d.max() < 0.01, d
+    # shrinking by the top-1 probability: a sure cell follows its offset, an unsure one stays near its anchor
+    with torch.no_grad():
+        head.fc.weight.mul_(0.01)  # top-1 probability just above 1/14
+        head.shrink = True
+        dec = head.decode(head(torch.eye(len(ls))))
+    p_top = dec.probabilities.max(1).values.double().numpy()
+    moved = haversine_km(ls.lat, ls.lon, dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy())
+    full = haversine_km(ls.lat, ls.lon, truth_lat, truth_lon)
+    assert np.allclose(moved, p_top * full, rtol=0.02, atol=0.05) and (p_top < 0.1).all()
     # and the tangent-plane mapping inverts, across the antimeridian too
     la, lo = offset_to_latlon(torch.tensor([10.0]), torch.tensor([179.9]), torch.tensor([50.0]), torch.tensor([-20.0]))
     assert float(lo) < -179 and np.allclose([float(v) for v in latlon_to_offset(torch.tensor([10.0]), torch.tensor([179.9]), la, lo)],
@@ -169,7 +178,7 @@ def test_each_head_learns_its_targets(name):
     head.eval()
     with torch.no_grad():
         dec = head.decode(head(x))
-    assert float(loss) < 0.5 * first
+    assert float(loss.detach()) < 0.5 * first
     assert float((dec.probabilities.argmax(1) == y).float().mean()) > 0.95
     if head.has_point:
         d_head = haversine_km(lat.numpy(), lon.numpy(), dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy())

@@ -105,7 +105,7 @@ def test_run_dashboards_are_self_contained(two_runs):
         assert html_path.is_file() and (run / "plots" / "error_map.png").read_bytes().startswith(PNG_MAGIC)
         page = _parse(html_path)
         data = [s for s in page.imgs if s.startswith("data:image/png;base64,")]
-        assert len(page.imgs) == len(data) == 5  # loss, val accuracy, CDF, confusion, error map
+        assert len(page.imgs) == len(data) == 9  # loss, val accuracy, CDF, confusion, error map + 4 confidence plots
         for s in data:
             assert base64.b64decode(s.split(",", 1)[1]).startswith(PNG_MAGIC)
         text = html_path.read_text()
@@ -124,12 +124,12 @@ def test_dashboard_without_predictions_still_renders(two_runs, tmp_path):
     (run / "predictions_test.parquet").unlink()
     (run / "plots" / "error_map.png").unlink()
     page = _parse(write_dashboard(run))
-    assert len([s for s in page.imgs if s.startswith("data:image/png;base64,")]) == 4
+    assert len([s for s in page.imgs if s.startswith("data:image/png;base64,")]) == 8
     assert "predictions_test.parquet (missing)" in (run / "dashboard.html").read_text()
 
 
 # ---- the summary schema (docs/summary_schema.md is the source of truth) ---------------------
-TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "null": type(None)}
+TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "null": type(None), "array": list}
 
 
 def _documented() -> dict[str, tuple[type, ...]]:

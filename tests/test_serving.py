@@ -141,6 +141,32 @@ def test_wrong_type_and_corrupt_images(client, photos_dir):
     assert _upload(client, PHOTO, good).status_code == 200  # the server keeps serving
 
 
+def test_views_of_one_place_in_one_request(client, server, photos_dir):
+    _, geo = server
+    names = [PHOTO, "010_001.jpg", "013_IMG_20180725_163423.jpg", "021_DSCN0010.jpg"]
+    files = [("file", (n, (photos_dir / n).read_bytes(), "image/jpeg")) for n in names]
+    r = client.post("/predict", files=files)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    expect = geo.predict([[photos_dir / n for n in names]])[0]  # the predictor's multi-view answer, through HTTP
+    assert d["views"] == names and d["dropped"] == [] and d["source"] == " + ".join(names)
+    assert [c["cell"] for c in d["top"]] == [c.cell for c in expect.top]
+    assert [c["probability"] for c in d["top"]] == pytest.approx([c.probability for c in expect.top], abs=1e-6)
+    assert len(d["geojson"]["features"]) == 5
+    # an unusable view is left out and named; the others answer
+    r = client.post("/predict", files=files[:2] + [("file", ("notes.txt", b"not a photo", "text/plain"))])
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["views"] == names[:2] and len(d["dropped"]) == 1 and d["dropped"][0].startswith("notes.txt: not a recognised image")
+    # every view unusable: the first one's error
+    r = client.post("/predict", files=[("file", ("a.txt", b"text", "text/plain")), ("file", ("b.jpg", b"", "image/jpeg"))])
+    assert r.status_code == 415 and "a.txt" in r.json()["detail"]
+    # more than 4: refused with a clear message, before any decoding
+    r = client.post("/predict", files=files + files[:1])
+    assert r.status_code == 422 and r.json()["detail"] == "5 photos in one request: send at most 4 views of one place"
+    assert _upload(client, PHOTO, (photos_dir / PHOTO).read_bytes()).status_code == 200
+
+
 def test_concurrent_load_200_requests_8_at_a_time(server, photos_dir):
     url, _ = server
     names = sorted(p.name for p in photos_dir.glob("*.jpg"))[:16]
@@ -191,3 +217,12 @@ def test_split_antimeridian_cells():
     north = h3.latlng_to_cell(90.0, 0.0, 0)
     out = split_antimeridian(cell_polygon_geojson(north))
     assert max(lat for p in out["coordinates"] for lon, lat in p[0]) == 90.0
+
+
+def test_predict_says_the_set_the_regions_and_the_ood_warning(client, photos_dir):
+    d = _upload(client, PHOTO, (photos_dir / PHOTO).read_bytes()).json()
+    ps = d["prediction_set"]
+    assert ps["coverage"] == 0.9 and ps["size"] == len(ps["cells"]) and ps["sentence"].startswith("the photo is in")
+    assert len(d["regions"]) == 5 and {"region", "key", "probability"} <= set(d["regions"][0])
+    assert d["ood"] is True and d["warning"].startswith("this photo is unlike the training images") and d["ood_score"] > 0
+    assert "abstained" not in d

@@ -142,9 +142,21 @@ def test_promotion_only_when_gate_improves(tmp_path):
     assert (tmp_path / "models" / "best.pt").read_bytes() == b"better"
     assert json.loads((tmp_path / "models" / "best.json").read_text())["run_id"] == "r3"
     assert [p.name for p in (tmp_path / "models").glob(".*")] == [".best.lock"]  # no temp files left; the lock file stays
-    # another dataset/split is not comparable: the new model replaces the old one
+    # another dataset/split is not comparable: the new model takes best.pt, the old one stays the best of its dataset
     m.write_bytes(b"other data")
     assert promote_best(tmp_path / "models", m, "r4", "median_km", 9000.0, "fp2") == (True, None)
+    kept = tmp_path / "models" / "by-dataset" / "fp"
+    assert (kept / "best.pt").read_bytes() == b"better" and json.loads((kept / "best.json").read_text())["run_id"] == "r3"
+    assert (tmp_path / "models" / "best.pt").read_bytes() == b"other data"
+    # back to the first dataset with a worse model: fp2's best is kept aside, fp's own best (r3) is best.pt again
+    m.write_bytes(b"first again, worse")
+    assert promote_best(tmp_path / "models", m, "r5", "median_km", 2000.0, "fp") == (False, 400.0)
+    assert (tmp_path / "models" / "by-dataset" / "fp2" / "best.pt").read_bytes() == b"other data"
+    assert (tmp_path / "models" / "best.pt").read_bytes() == b"better"
+    # and a better one of fp replaces it
+    m.write_bytes(b"first, best")
+    assert promote_best(tmp_path / "models", m, "r6", "median_km", 300.0, "fp") == (True, 400.0)
+    assert (tmp_path / "models" / "best.pt").read_bytes() == b"first, best"
     # higher is better for GeoScore
     g = tmp_path / "g"
     assert promote_best(g, m, "a", "geoscore", 1000.0, "fp")[0]

@@ -42,8 +42,12 @@ def _factor(rng: np.random.Generator, strength: float) -> float:
 
 
 def _rotate(im: Image.Image, rng: np.random.Generator, a: "Augment") -> Image.Image:
-    """A small roll, then the largest centred box without the corners it exposes, scaled back to size."""
-    deg = float(rng.uniform(-a.rotate_deg, a.rotate_deg))
+    return roll(im, float(rng.uniform(-a.rotate_deg, a.rotate_deg)))
+
+
+def roll(im: Image.Image, deg: float) -> Image.Image:
+    """A roll of ``deg`` degrees, then the largest centred box without the corners it exposes, scaled back to size
+    (training augmentation of street photos, and their test-time views)."""
     w, h = im.size
     out = im.rotate(deg, resample=Image.BILINEAR, expand=False)
     t = abs(np.radians(deg))

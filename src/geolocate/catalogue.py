@@ -17,7 +17,7 @@ import math
 from typing import Literal
 
 Direction = Literal["lower", "higher"]
-Unit = Literal["share", "km", "points", "count", "nats"]
+Unit = Literal["share", "km", "points", "count", "nats", "score"]
 
 THRESHOLDS_KM = (1, 25, 200, 750, 2500)  # accuracy within r km counts d <= r
 _SCALES = ("street", "city", "region", "country", "continent")  # what each threshold stands for
@@ -32,7 +32,7 @@ def format_value(v: float | int | None, unit: Unit) -> str:
         return f"{100 * v:.1f}%"
     if unit == "count":
         return f"{int(v):,d}"
-    if unit == "nats":
+    if unit in ("nats", "score"):
         return f"{v:.3f}"
     return f"{v:,.0f}" if unit == "km" and abs(v) >= 100 else f"{v:,.1f}"
 
@@ -93,6 +93,12 @@ CATALOGUE: dict[str, Metric] = {m.name: m for m in [
     Metric("geoscore", "GeoScore", "points", "higher", "Mean of 5000 · exp(−d / 1492.7 km) (GeoGuessr-style, 0..5000)."),
     _share("country_acc", "country acc", "Share whose predicted point lies in the true country (nearest GeoNames place); "
            "null when undefined."),
+    Metric("region_wtop5", "region weighted top-5", "score", "higher",
+           "Weighted top-5 region score (0..1): 1, 0.6, 0.4, 0.25, 0.15 when the true location's region (country + "
+           "GeoNames admin1) is the 1st..5th region answer (class probabilities summed per region), else 0.",
+           short="region w5"),
+    Metric("competition", "competition score", "score", "higher",
+           "0.7 × region weighted top-5 + 0.3 × max(0, 1 − d / 5000 km), averaged over images (0..1).", short="comp"),
     Metric("loss", "loss", "nats", "lower", "The training loss on the validation split (the loop's ``val_loss``).",
            in_summary=False),
 ]}

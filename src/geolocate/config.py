@@ -142,7 +142,8 @@ class TrainConfig:
     embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
     threads: int = 1              # torch intra-op threads while training (0 = torch's default, the machine's cores)
-    device: str = "cpu"
+    device: str = "auto"          # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N": both phases and embedding
+    precision: str = "fp32"       # "fp32", "bf16" (autocast; CPU or CUDA), "fp16" (autocast + GradScaler; CUDA only)
 
 
 @dc.dataclass
@@ -178,6 +179,10 @@ class EvalConfig:
     calibrate: bool = True          # temperature scaling of the head, fit on validation (ranking unchanged)
     refine: str = "auto"            # answer point: "auto" refines inside the top cells when that wins on validation, "always", "off"
     gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
+    conformal_coverage: float = 0.9  # prediction sets over cells: target coverage, threshold fit on validation (1 = every cell)
+    conformal_score: str = "aps"    # nonconformity score: "aps" (mass ranked at or above the true cell) or "lac" (1 - p_true)
+    ood_quantile: float = 0.99      # out-of-distribution flag: above this quantile of validation scores
+    ood_neighbours: int = 5         # the OOD score is the mean cosine distance to this many nearest training images
 
 
 @dc.dataclass
@@ -239,6 +244,7 @@ class Config:
         from .training.losses import LOSSES  # registry lives with the losses
         from .models.heads import HEADS  # registry lives with the heads
         from .models.fusion import FUSIONS  # ... and the fusions with the fusions
+        from .training.precision import PRECISIONS, check_device
 
         gates = gate_metrics()
 
@@ -275,11 +281,17 @@ class Config:
              f"{self.train.patience}, {self.train.min_epochs}, {self.train.warmup_epochs}, {self.train.finetune_epochs}"),
             (self.index.min_cell_samples >= 0, f"index.min_cell_samples must be >= 0, got {self.index.min_cell_samples}"),
             (self.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.eval.knn_k}"),
+            (0 < self.eval.conformal_coverage <= 1, f"eval.conformal_coverage must be in (0, 1], got {self.eval.conformal_coverage}"),
+            (self.eval.conformal_score in ("aps", "lac"), f"eval.conformal_score must be 'aps' or 'lac', got {self.eval.conformal_score!r}"),
+            (0 < self.eval.ood_quantile <= 1, f"eval.ood_quantile must be in (0, 1], got {self.eval.ood_quantile}"),
+            (self.eval.ood_neighbours >= 1, f"eval.ood_neighbours must be >= 1, got {self.eval.ood_neighbours}"),
             (self.eval.refine in ("auto", "always", "off"), f"eval.refine must be auto, always or off, got {self.eval.refine!r}"),
             (math.isfinite(self.train.geo_tau_km) and self.train.geo_tau_km > 0, "train.geo_tau_km must be a finite number > 0"),
             (self.train.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}, got {self.train.monitor!r}"),
             (0 <= self.train.monitor_ema < 1, "train.monitor_ema must be in [0, 1)"),
             (self.train.threads >= 0, "train.threads must be >= 0 (0 = torch's default)"),
+            (check_device(self.train.device) is None, check_device(self.train.device) or ""),
+            (self.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}"),
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),

@@ -13,13 +13,19 @@ from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_conso
 
 
 def train_cmd(cfg, resume: Path | None = None, tracker: str | None = None) -> Path:
+    """One run; under ``torchrun --nproc_per_node N -m geolocate.cli train`` every rank trains, rank 0 prints."""
     from ..runs.experiment import run_experiment
+    from ..training import distributed as D
 
     try:
         run_dir = run_experiment(cfg, resume=resume, tracker=tracker)
+        main = D.current().is_main
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
-    print_summary(run_dir)
+    finally:
+        D.shutdown()
+    if main:
+        print_summary(run_dir)
     return run_dir
 
 
@@ -106,7 +112,8 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"evaluated {len(keep)} of {part.height} images; {part.height - len(keep)} unreadable", markup=False)
         part = part[keep]
         y = np.array([pos.get(c, -1) for c in part["cell"].to_list()])
-        m = evaluate(np.array(scores), y, part["lat"].to_numpy(), part["lon"].to_numpy(), np.array(plat), np.array(plon))
+        m = evaluate(np.array(scores), y, part["lat"].to_numpy(), part["lon"].to_numpy(), np.array(plat), np.array(plon),
+                     regions=geo.confidence.regions)
         if json_out:
             print(json.dumps(m, indent=2))
         else:

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -24,41 +26,80 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, train_lat: np.ndarray, train_lon: np.ndarray,
-                query_feats: np.ndarray, num_classes: int, k: int = 1, max_block_bytes: int = 256 << 20):
-    """(scores (N, C), pred_lat, pred_lon), streamed: at most ``max_block_bytes`` of similarities at a time.
+PROGRESS_ROWS = 200_000  # a pass over a gallery at least this large shows a progress bar
 
-    The gallery is sorted by class once, so each block's best similarity per class is one
-    ``np.maximum.reduceat`` over contiguous columns (no per-class mask); memory is O(block x gallery),
-    never O(queries x gallery), so a 1M-image gallery runs in bounded RAM.
+
+def gallery_blocks(feats, max_block_bytes: int, desc: str | None = None):
+    """(start, L2-normalised float32 rows) of ``feats`` in blocks of at most ``max_block_bytes``.
+
+    ``feats``: any array-like whose ``feats[a:b]`` is an array: a numpy array, a float16 memory map, or a
+    :class:`~geolocate.training.store.FeatureView` of the embedding store; only one block is in memory at a time.
+    ``desc``: a progress bar of that name over a large gallery.
+    """
+    from ..progress import progress_bar
+
+    n, f = len(feats), feats.shape[1]
+    rows = max(1, min(n, max_block_bytes // max(4 * f, 1)))
+    with progress_bar(desc or "", n) if desc and n >= PROGRESS_ROWS else _no_bar() as advance:
+        for s in range(0, n, rows):
+            yield s, _normalise(np.asarray(feats[s:s + rows], dtype=np.float32))
+            advance(min(rows, n - s))
+
+
+@contextlib.contextmanager
+def _no_bar():
+    yield lambda n=1, description=None: None
+
+
+def merge_top(best_v: np.ndarray, best_i: np.ndarray, v: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest values per row of two (values, indices) candidate sets, in order (ties: lower index)."""
+    allv, alli = np.concatenate([best_v, v], axis=1), np.concatenate([best_i, i], axis=1)
+    order = np.lexsort((alli, -allv), axis=1)[:, :k]
+    return np.take_along_axis(allv, order, axis=1), np.take_along_axis(alli, order, axis=1)
+
+
+def knn_predict(train_feats, train_labels: np.ndarray, train_lat: np.ndarray, train_lon: np.ndarray,
+                query_feats: np.ndarray, num_classes: int, k: int = 1, max_block_bytes: int = 256 << 20):
+    """(scores (N, C), pred_lat, pred_lon), streamed over both the gallery and the queries.
+
+    The gallery (``train_feats``: an array, a memory map or a store view) is read one block of at most
+    ``max_block_bytes`` at a time; inside a block, rows are sorted by class so each query block's best similarity
+    per class is one ``np.maximum.reduceat`` over contiguous columns; the k nearest are kept as a running top-k.
+    Memory is O(block + queries x (classes + k)), never O(queries x gallery) or O(gallery): a 1M-image gallery
+    runs in bounded RAM.
     """
     if k < 1:
         raise ValueError(f"knn k must be >= 1, got {k}")
-    order = np.argsort(train_labels, kind="stable")
-    g = _normalise(train_feats[order].astype(np.float32))
-    labels_sorted = np.asarray(train_labels)[order]
-    lat_sorted, lon_sorted = np.asarray(train_lat)[order], np.asarray(train_lon)[order]
-    present, starts = np.unique(labels_sorted, return_index=True)
-    n, G = len(query_feats), len(g)
+    labels, lat, lon = np.asarray(train_labels), np.asarray(train_lat), np.asarray(train_lon)
+    q = _normalise(np.asarray(query_feats, dtype=np.float32))
+    n, G = len(q), len(labels)
     scores = np.full((n, num_classes), -2.0, dtype=np.float32)
-    plat, plon = np.empty(n), np.empty(n)
-    chunk = max(1, min(n, max_block_bytes // max(4 * G, 1)))
     kk = min(k, G)
-    for s in range(0, n, chunk):
-        sim = _normalise(query_feats[s:s + chunk].astype(np.float32)) @ g.T  # (b, G)
-        scores[s:s + chunk, present] = np.maximum.reduceat(sim, starts, axis=1)
-        part = np.argpartition(-sim, kth=kk - 1, axis=1)[:, :kk]  # the k best, then in order
-        nn_idx = np.take_along_axis(part, np.argsort(-np.take_along_axis(sim, part, axis=1), axis=1, kind="stable"), axis=1)
-        if kk == 1:
-            j = nn_idx[:, 0]
-            plat[s:s + chunk], plon[s:s + chunk] = lat_sorted[j], lon_sorted[j]
-            continue
-        for r, row in enumerate(nn_idx):
-            labs = labels_sorted[row]
-            vals, cnt = np.unique(labs, return_counts=True)
-            best = vals[cnt == cnt.max()]
-            # tie-break by rank: the first neighbour whose cell is among the most voted
-            j = next(j for j in row if labels_sorted[j] in best)
-            plat[s + r], plon[s + r] = lat_sorted[j], lon_sorted[j]
-            scores[s + r, best] += 1.0  # the voted cell ranks first
+    best_v = np.full((n, kk), -np.inf, dtype=np.float32)
+    best_i = np.full((n, kk), -1, dtype=np.int64)
+    for g0, g in gallery_blocks(train_feats, max_block_bytes, desc=f"kNN baseline ({n:,} queries)"):
+        order = np.argsort(labels[g0:g0 + len(g)], kind="stable")
+        g = g[order]
+        present, starts = np.unique(labels[g0:g0 + len(g)][order], return_index=True)
+        chunk = max(1, min(n, max_block_bytes // max(4 * len(g), 1)))
+        kb = min(kk, len(g))
+        for s in range(0, n, chunk):
+            sim = q[s:s + chunk] @ g.T  # (b, block)
+            sl = scores[s:s + chunk, present]
+            scores[s:s + chunk, present] = np.maximum(sl, np.maximum.reduceat(sim, starts, axis=1))
+            part = np.argpartition(-sim, kth=kb - 1, axis=1)[:, :kb]
+            best_v[s:s + chunk], best_i[s:s + chunk] = merge_top(best_v[s:s + chunk], best_i[s:s + chunk],
+                                                                 np.take_along_axis(sim, part, axis=1), g0 + order[part], kk)
+    plat, plon = np.empty(n), np.empty(n)
+    if kk == 1:
+        j = best_i[:, 0]
+        return scores, lat[j], lon[j]
+    for r, row in enumerate(best_i):
+        labs = labels[row]
+        vals, cnt = np.unique(labs, return_counts=True)
+        best = vals[cnt == cnt.max()]
+        # tie-break by rank: the first neighbour whose cell is among the most voted
+        j = next(j for j in row if labels[j] in best)
+        plat[r], plon[r] = lat[j], lon[j]
+        scores[r, best] += 1.0  # the voted cell ranks first
     return scores, plat, plon

@@ -59,11 +59,17 @@ def country_accuracy(true_lat, true_lon, pred_lat, pred_lon) -> float:
     return float(np.mean([a["cc"] == b["cc"] for a, b in zip(t, p)]))
 
 
-def evaluate(scores: np.ndarray, labels: np.ndarray, true_lat, true_lon, pred_lat, pred_lon, countries: bool = True) -> dict:
-    """All metrics for one prediction set: class scores (N, C) plus predicted coordinates."""
+def evaluate(scores: np.ndarray, labels: np.ndarray, true_lat, true_lon, pred_lat, pred_lon, countries: bool = True,
+             regions=None) -> dict:
+    """All metrics for one prediction set: class scores (N, C) plus predicted coordinates; with ``regions`` (a
+    :class:`~geolocate.evaluation.regions.RegionSpace` of the classes) also the region scores."""
     d = haversine_km(true_lat, true_lon, pred_lat, pred_lon)
     out = {"top1_acc": topk_accuracy(scores, labels, 1), "top5_acc": topk_accuracy(scores, labels, 5)}
     out.update(distance_metrics(d))
     if countries:
         out["country_acc"] = country_accuracy(true_lat, true_lon, pred_lat, pred_lon)
+    if regions is not None:
+        from .regions import region_metrics
+
+        out.update(region_metrics(scores, regions, true_lat, true_lon, d))
     return out

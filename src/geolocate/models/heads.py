@@ -203,39 +203,46 @@ class HierarchicalHead(Head):
 @register_head("offset")
 class OffsetHead(Head):
     """Cell classifier + an in-cell offset per class (OSV-5M hybrid): km east/north of the class anchor on its
-    tangent plane, bounded to ``± bound_km`` (tanh). Trained on the true class's offset with a haversine loss
-    (``ctx.reg_weight`` × km / ``bound_km``); the answer is the top class's anchor moved by its offset."""
+    tangent plane, bounded per class to ± twice the mean hexagon edge at that class's resolution (tanh), or to
+    ``bound_km`` when given. Trained on the true class's offset with a haversine loss (``ctx.reg_weight`` × km /
+    the class's bound). The answer is the top class's anchor moved by its offset times the top-1 probability
+    (``shrink=True``): an offset is only worth following as far as the cell is likely right, since a wrong
+    cell's regressor never saw this kind of image; ``shrink=False`` follows it fully."""
 
     has_point = True
 
-    def __init__(self, in_features: int, labels: LabelSpace, dropout: float = 0.2, bound_km: float | None = None):
+    def __init__(self, in_features: int, labels: LabelSpace, dropout: float = 0.2, bound_km: float | None = None,
+                 shrink: bool = True):
         super().__init__(in_features, labels, dropout)
-        if bound_km is None:
-            bound_km = default_bound_km(labels)
-        self.kwargs["bound_km"] = float(bound_km)
-        self.bound_km = float(bound_km)
+        self.kwargs.update(bound_km=None if bound_km is None else float(bound_km), shrink=bool(shrink))
+        self.shrink = bool(shrink)
+        bounds = class_bounds_km(labels) if bound_km is None else torch.full((labels.num_classes,), float(bound_km))
+        self.register_buffer("bound", bounds.to(torch.float32))
         self.offset_fc = nn.Linear(in_features, labels.num_classes * 2)
         nn.init.zeros_(self.offset_fc.weight)
         nn.init.zeros_(self.offset_fc.bias)
 
     def forward(self, feats: torch.Tensor) -> GeoOutput:
         x = self.dropout(feats)
-        off = torch.tanh(self.offset_fc(x)).view(x.shape[0], -1, 2) * self.bound_km
+        off = torch.tanh(self.offset_fc(x)).view(x.shape[0], -1, 2) * self.bound[None, :, None]
         return GeoOutput(logits={FINE: self.fc(x)}, features=feats, offset=off)
 
-    def offset_point(self, out: GeoOutput, cls: torch.Tensor) -> torch.Tensor:
+    def offset_point(self, out: GeoOutput, cls: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         off = out.offset.gather(1, cls.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)
+        if scale is not None:
+            off = off * scale[:, None]
         lat, lon = offset_to_latlon(self.anchor_lat[cls], self.anchor_lon[cls], off[:, 0], off[:, 1])
         return torch.stack([lat, lon], dim=1)
 
     def point(self, out: GeoOutput, log_probs: torch.Tensor) -> torch.Tensor:
-        return self.offset_point(out, log_probs.argmax(1))
+        top = log_probs.max(1)
+        return self.offset_point(out, top.indices, top.values.exp() if self.shrink else None)
 
     def loss(self, out, labels, lat, lon, ctx) -> torch.Tensor:
         total = ctx.cell_loss(self.log_probs(out), labels, lat, lon)
         if ctx.reg_weight > 0:
             p = self.offset_point(out, labels)
-            total = total + ctx.reg_weight * (haversine_torch(p[:, 0], p[:, 1], lat, lon) / self.bound_km).mean().float()
+            total = total + ctx.reg_weight * (haversine_torch(p[:, 0], p[:, 1], lat, lon) / self.bound[labels]).mean().float()
         return total
 
 
@@ -273,12 +280,13 @@ class GpsHead(Head):
         return total
 
 
-def default_bound_km(labels: LabelSpace) -> float:
-    """Twice the largest class's mean hexagon edge: any point of a class (merged ones included) is within reach."""
+def class_bounds_km(labels: LabelSpace) -> torch.Tensor:
+    """(C,) twice the mean hexagon edge at each class's own resolution: any point of its cell is within reach."""
     import h3
 
-    res = min(int(c.get("resolution", labels.h3_resolution or 0)) for c in labels.classes)
-    return 2.0 * float(h3.average_hexagon_edge_length(res, unit="km"))
+    res = [int(c.get("resolution", h3.get_resolution(c["cell"]))) for c in labels.classes]
+    edge = {r: 2.0 * float(h3.average_hexagon_edge_length(r, unit="km")) for r in set(res)}
+    return torch.tensor([edge[r] for r in res], dtype=torch.float32)
 
 
 # back-compat name: the flat cell classifier

@@ -21,18 +21,24 @@ class GeoOutput:
     offset: torch.Tensor | None = None
     coords: torch.Tensor | None = None
 
+    def map(self, fn) -> "GeoOutput":
+        """The same outputs with ``fn`` applied to every tensor (e.g. ``lambda t: t.float().cpu()``)."""
+        f = lambda t: None if t is None else fn(t)  # noqa: E731
+        return GeoOutput({k: fn(v) for k, v in self.logits.items()}, f(self.features), f(self.offset), f(self.coords))
+
+    @staticmethod
+    def cat(outs: list["GeoOutput"]) -> "GeoOutput":
+        """Batches of outputs joined along the batch axis."""
+        first = outs[0]
+        c = lambda get: None if get(first) is None else torch.cat([get(o) for o in outs])  # noqa: E731
+        return GeoOutput({k: torch.cat([o.logits[k] for o in outs]) for k in first.logits}, c(lambda o: o.features),
+                         c(lambda o: o.offset), c(lambda o: o.coords))
+
     def take(self, rows) -> "GeoOutput":
         """The same outputs for ``rows`` (a slice or an index tensor) of the batch."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return GeoOutput({k: v[rows] for k, v in self.logits.items()}, pick(self.features), pick(self.offset), pick(self.coords))
 
-    @classmethod
-    def cat(cls, outs: "list[GeoOutput]") -> "GeoOutput":
-        """The outputs of consecutive batches as one (``take``'s inverse)."""
-        if len(outs) == 1:
-            return outs[0]
-        join = lambda name: None if getattr(outs[0], name) is None else torch.cat([getattr(o, name) for o in outs])  # noqa: E731
-        return cls({k: torch.cat([o.logits[k] for o in outs]) for k in outs[0].logits}, join("features"), join("offset"), join("coords"))
 
 
 @dc.dataclass

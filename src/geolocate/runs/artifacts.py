@@ -127,6 +127,12 @@ def _calibration_lines(cal: dict | None) -> list[str]:
             "| split | ECE before | ECE after |", "|---|---:|---:|", *rows, ""]
 
 
+def _confidence_lines(summary: dict) -> list[str]:
+    from .confidence import report_lines  # conformal sets, selective prediction, OOD flag (their plots too)
+
+    return report_lines(summary)
+
+
 def _answer_point_lines(ap: dict | None) -> list[str]:
     """REPORT.md section: which point the model answers with, and each choice's metrics (chosen on validation)."""
     if not ap or not ap.get("ablation"):
@@ -154,6 +160,7 @@ def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
         "",
         metrics_table({"model": m["val"], "prior": b["prior"]["val"], "kNN": b["knn"]["val"]}),
         *_calibration_lines(summary.get("calibration")),
+        *_confidence_lines(summary),
         *_answer_point_lines(summary.get("answer_point")),
         "## Training",
         "",

@@ -32,6 +32,10 @@ PLOT_TITLES = {
     "geo_error_cdf.png": "Geo error CDF (test)",
     "confusion_matrix.png": "Confusion matrix (test)",
     ERROR_MAP: "World map of test errors (true → predicted)",
+    "reliability.png": "Reliability before/after temperature scaling",
+    "conformal_recall_area.png": "Conformal cell sets: recall vs area (test)",
+    "selective.png": "Selective prediction: coverage vs accuracy and median km (test)",
+    "ood_scores.png": "Out-of-distribution score (val, test) and its threshold",
 }
 ARTIFACT_FILES = ["summary.json", "config.json", "metrics.csv", "REPORT.md", "predictions_test.parquet",
                   "checkpoints/model.pt", "checkpoints/last.pt"]
@@ -159,6 +163,7 @@ def render_dashboard(run_dir: Path, summary: dict) -> str:
         n = (metrics.get(split) or {}).get("n")
         parts.append(f"<section><h2>Model vs baselines — {split} split{f' (n={n})' if n is not None else ''}</h2>"
                      + metrics_html(cols) + "</section>")
+    parts.append(confidence_html(summary))
     # training + gate
     tr_rows = {
         "epochs run": training.get("epochs_run"), "best epoch": training.get("best_epoch"),
@@ -182,7 +187,10 @@ def render_dashboard(run_dir: Path, summary: dict) -> str:
     parts.append("<section><h2>Config</h2>" + kv_table(cfg) + '<p>Full resolved config: <a href="config.json">config.json</a></p></section>')
     # plots
     figs = []
-    for name in dict.fromkeys([*PLOTS, ERROR_MAP]):
+    from .confidence import PLOTS as CONFIDENCE_PLOTS  # shown when the run has them (older runs do not)
+
+    extra = [n for n in CONFIDENCE_PLOTS if (run_dir / "plots" / n).is_file()]
+    for name in dict.fromkeys([*PLOTS, ERROR_MAP, *extra]):
         uri = png_data_uri(run_dir / "plots" / name)
         title = e(PLOT_TITLES.get(name, name))
         wide = ' class="wide"' if name == ERROR_MAP else ""
@@ -205,6 +213,52 @@ def render_dashboard(run_dir: Path, summary: dict) -> str:
                  "(after <code>geolocate runs aggregate</code>).</p></section>")
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
+
+
+def confidence_html(summary: dict) -> str:
+    """The "Honest confidence" section: conformal sets, selective prediction, the OOD flag ("" without them)."""
+    from .confidence import confidence_label, report_lines
+
+    e = html.escape
+    cf, sel, ood = summary.get("conformal"), summary.get("selective"), summary.get("ood")
+    if not (cf or sel or ood):
+        return ""
+    lines = report_lines(summary)
+
+    def para(prefix: str) -> str:
+        text = next((line for line in lines if line.startswith(prefix)), "")
+        return f"<p>{e(_md_plain(text))}</p>" if text else ""
+
+    out = ["<section><h2>Honest confidence</h2>"]
+    if cf:
+        out.append(para("**Conformal"))
+        head = "<tr><th>target coverage</th><th>coverage</th><th>mean cells</th><th>mean area</th></tr>"
+        body = "".join(f"<tr><td>{float(k):.0%}</td><td>{_pct(v.get('coverage'))}</td><td>{_num(v.get('mean_cells'))}</td>"
+                       f"<td>{_area(v.get('mean_area_km2'))}</td></tr>" for k, v in (cf.get("targets") or {}).items())
+        out.append(f"<table>{head}{body}</table>")
+    if sel:
+        km = metric("median_km")
+        head = "<tr><th>min confidence</th><th>answered</th><th>coverage</th><th>top-1 acc</th><th>median km</th></tr>"
+        body = "".join(f"<tr><td>{confidence_label(k)}</td><td>{v.get('answered')}</td><td>{_pct(v.get('coverage'))}</td>"
+                       f"<td>{_pct(v.get('top1_acc'))}</td><td>{e(km.fmt(v.get('median_km')))}</td></tr>"
+                       for k, v in (sel.get("thresholds") or {}).items())
+        out.append(f"<h2 style=\"margin-top:14px\">Selective prediction ({e(str(sel.get('split')))})</h2><table>{head}{body}</table>")
+    if ood:
+        out.append(para("**Out-of"))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _md_plain(s: str) -> str:
+    return s.replace("**", "").replace("`", "")
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _area(v: Any) -> str:
+    return "–" if v is None else f"{v:,.0f} km²"
 
 
 def metrics_html(columns: dict[str, dict]) -> str:

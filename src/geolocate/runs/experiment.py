@@ -29,11 +29,17 @@ from ..io import read_json, write_json, write_parquet
 from ..labels import LabelSpace
 from ..models import FUSIONS, HEADS, GeoModel, create_backbone, create_fusion, create_head, is_pretrained, save_model
 from ..progress import console, tagged
-from ..training import Split, Trainer, cached_embeddings, embed_paths, load_checkpoint, seed_everything
+from ..training import Split, Trainer, embed_paths, load_checkpoint, seed_everything
+from ..training import distributed as D
+from ..training.embeddings import cached_embedding_view
+from ..training.precision import Precision
+from ..training.store import FeatureView
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
+from ..evaluation.regions import RegionSpace
 from ..training.augment import augment_for, image_batch, with_augmented_copies
 from ..training.dataset import fused_features, group_views, select_views
 from . import artifacts as A
+from .confidence import assess_confidence
 from .dashboard import write_dashboard
 from .tracking import get_tracker, log_run_safely
 
@@ -45,14 +51,25 @@ def new_run_id(cfg: Config) -> str:
             f"_{digest}-{secrets.token_hex(3)}")
 
 
-def _split(df: pl.DataFrame, feats: np.ndarray | None, name: str, view_mask: np.ndarray | None = None) -> tuple[Split, np.ndarray]:
-    """One split of the sample frame (``df``: index rows, or one row per multi-view sample with ``view_mask``)."""
+def _split(df: pl.DataFrame, feats: FeatureView | np.ndarray | None, name: str, lazy: bool = False,
+           view_mask: np.ndarray | None = None) -> tuple[Split, np.ndarray]:
+    """One split of the sample frame; ``lazy``: its features stay a view of the memory-mapped store (read per batch),
+    else in memory. Multi-view samples (one frame row each): ``feats`` (G, V, F) in memory and their ``view_mask``."""
     mask = (df["split"] == name).to_numpy()
+    if view_mask is not None:
+        f = torch.as_tensor(feats[mask])
+    else:
+        f = None if feats is None else feats.select(mask) if lazy else torch.as_tensor(np.asarray(feats.select(mask)))
     s = Split(labels=torch.as_tensor(df["label"].to_numpy()[mask], dtype=torch.long),
               lat=torch.as_tensor(df["lat"].to_numpy()[mask]), lon=torch.as_tensor(df["lon"].to_numpy()[mask]),
-              feats=torch.as_tensor(feats[mask]) if feats is not None else None, paths=df["path"].to_numpy()[mask].tolist(),
+              feats=f, paths=df["path"].to_numpy()[mask].tolist(),
               view_mask=torch.as_tensor(view_mask[mask]) if view_mask is not None else None)
     return s, mask
+
+
+def as_array(feats):
+    """Features for the numpy consumers (kNN, gallery): a tensor's array, or the view itself (read in blocks)."""
+    return feats.numpy() if isinstance(feats, torch.Tensor) else feats
 
 
 def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str | None = None) -> Path:
@@ -61,6 +78,8 @@ def run_experiment(cfg: Config, resume: str | Path | None = None, tracker: str |
     threads = Config.from_dict(read_json(Path(resume) / "config.json")).train.threads if resume else cfg.train.threads
     was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     was_threads = torch.get_num_threads()
+    env = D.init_distributed(cfg.train.device)  # under torchrun: one rank of a data-parallel run
+    D.quiet_unless_main(env)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if threads:
         torch.set_num_threads(threads)
@@ -75,19 +94,24 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     t_start = time.time()
     trk = get_tracker(tracker)  # an unusable tracker fails here, before any training
     runs_dir = Path(cfg.paths.runs_dir)
+    env = D.current()
+    main = env.is_main  # rank 0 writes every file, promotes and prints; the other ranks only train
+    Precision(cfg.train.precision, D.device_for(cfg.train.device, env))  # a missing CUDA or fp16 on CPU: one line, before any file
     if resume:
         run_dir = Path(resume)
         cfg = Config.from_dict(read_json(run_dir / "config.json"))
         resume_state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         console.print(f"resuming {run_dir} from epoch {resume_state['epoch']} ({resume_state['phase']})", markup=False)
     else:
-        run_dir = runs_dir / new_run_id(cfg)
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir(exist_ok=False)  # a run directory belongs to exactly one run
+        run_dir = runs_dir / D.broadcast_object(new_run_id(cfg), env)
+        if main:
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(exist_ok=False)  # a run directory belongs to exactly one run
         resume_state = None
     run_id = run_dir.name
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg.to_dict())
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
     seed_everything(cfg.train.seed)
 
     df, labels, stats = load_index(cfg)
@@ -104,10 +128,11 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     ids, paths = df["id"].to_list(), df["path"].to_list()
     feats = None
     if pretrained:
-        feats, ok = cached_embeddings(backbone, ids, paths, cache_dir, engine=cfg.train.embed_engine)
+        feats, ok = D.main_first(env, lambda: cached_embedding_view(backbone, ids, paths, cache_dir, engine=cfg.train.embed_engine,
+                                                                    device=cfg.train.device))
         if (~ok).any():
             console.print(tagged("warning", f"{(~ok).sum()} unreadable images left out of this run"))
-            df, feats = df.filter(pl.Series(ok)), feats[ok]
+            df, feats = df.filter(pl.Series(ok)), feats.select(ok)
             ids, paths = df["id"].to_list(), df["path"].to_list()
     # the samples: index rows, or (model.fusion) the views of each group_id, fused over their cached embeddings
     samples, frame, sample_feats, view_mask = None, df, feats, None
@@ -116,12 +141,12 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
             raise ValueError(f"model.fusion fuses cached embeddings of a pretrained backbone; {spec!r} trains from scratch")
         samples = group_views(df, cfg.model.views)
         frame = samples.frame
-        sample_feats, view_mask = samples.gather(np.nan_to_num(feats))
+        sample_feats, view_mask = samples.gather(np.nan_to_num(np.asarray(feats, dtype=np.float32)))
         console.print(f"samples: {len(samples)} of up to {len(samples.slots)} views ({', '.join(samples.slots)}), "
                       f"{int(view_mask.sum())} images", markup=False, highlight=False)
-    train, mtr = _split(frame, sample_feats, "train", view_mask)
-    val, mva = _split(frame, sample_feats, "val", view_mask)
-    test, mte = _split(frame, sample_feats, "test", view_mask)
+    train, mtr = _split(frame, sample_feats, "train", lazy=True, view_mask=view_mask)
+    val, mva = _split(frame, sample_feats, "val", view_mask=view_mask)
+    test, mte = _split(frame, sample_feats, "test", view_mask=view_mask)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"empty split: train={len(train)} val={len(val)}; add data or change index.split_ratios")
     train_counts = np.bincount(train.labels.numpy(), minlength=n_cls)
@@ -144,8 +169,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     state: dict = {}
     augment = augment_for(cfg, stats.get("sources", {}))  # training only: copies of the train split's embeddings, fine-tuning batches
     if pretrained and not (resume_state and resume_state["phase"] == "finetune"):
-        fit_train = with_augmented_copies(train, backbone, frame["id"].to_numpy()[mtr].tolist(), train.paths, cache_dir, augment,
-                                          cfg.augment.copies, cfg.train.embed_engine)
+        fit_train = D.main_first(env, lambda: with_augmented_copies(train, backbone, frame["id"].to_numpy()[mtr].tolist(), train.paths,
+                                                                    cache_dir, augment, cfg.augment.copies, cfg.train.embed_engine))
         state = trainer.fit_head(head, fit_train, val, resume_state, fusion=fusion)
         history[:] = state["history"]
     if fusion is not None:  # from here on every split is its fused features: what the trained head reads
@@ -158,8 +183,12 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                                      resume=resume_state if resume_state and resume_state["phase"] == "finetune" else None,
                                      history=state.get("history", []), start=state.get("stopper"))
         history[:] = state["history"]
+    if not main:
+        return run_dir  # rank 0 evaluates and writes every artifact
+    if finetune_epochs > 0:
         # features of the trained backbone for evaluation and kNN
-        feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)", engine=cfg.train.embed_engine)
+        feats, ok = embed_paths(backbone, paths, desc="embedding (trained backbone)", engine=cfg.train.embed_engine,
+                                device=cfg.train.device)
         for s, m in ((train, mtr), (val, mva), (test, mte)):
             s.feats = torch.as_tensor(np.nan_to_num(feats[m]))
     A.write_metrics_csv(run_dir / "metrics.csv", history)
@@ -177,27 +206,28 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                                    class_lat, class_lon)
     shipped = candidate is not None and candidate.shipped
     ablation: dict = {"cell_anchor": {}, "head_point": {}, "refined": {}}
+    regions = RegionSpace.from_points(class_lat, class_lon)  # country + admin1 of each class anchor
     for name, s in (("val", val), ("test", test)):
         if len(s) == 0:
             continue
         probs = split_probs[name]
         pred = probs.argmax(1)
         y, la, lo = s.labels.numpy(), s.lat.numpy(), s.lon.numpy()
-        ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred])
+        ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred], regions=regions)
         pt_lat, pt_lon = split_points[name]
         if head.has_point:
-            ablation["head_point"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon)
+            ablation["head_point"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon, regions=regions)
         if candidate is not None:
             r_lat, r_lon = refined_points(candidate, s.feats.numpy(), probs, pt_lat, pt_lon)
-            ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon)
+            ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon, regions=regions)
             if shipped:
                 pt_lat, pt_lon = r_lat, r_lon
         metrics[name] = ablation["refined" if shipped else "head_point" if head.has_point else "cell_anchor"][name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
-        baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon)
-        sc, pla, plo = knn_predict(train.feats.numpy(), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
+        baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon, regions=regions)
+        sc, pla, plo = knn_predict(as_array(train.feats), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
                                    s.feats.numpy(), n_cls, k=cfg.eval.knn_k)
-        baselines["knn"][name] = evaluate(sc, y, la, lo, pla, plo)
+        baselines["knn"][name] = evaluate(sc, y, la, lo, pla, plo, regions=regions)
         if name == "test":
             d_model = haversine_km(la, lo, pt_lat, pt_lon)
             test_rows = pl.DataFrame({
@@ -221,11 +251,14 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     model_path = run_dir / "checkpoints" / "model.pt"
     backbone_trained = finetune_epochs > 0
     meta = {"run_id": run_id, "metrics": {"test": metrics["test"], "val": metrics["val"]}, "dataset_fingerprint": stats["fingerprint"],
-            "sources": stats.get("sources", {}), "images": stats["images"]}
+            "sources": stats.get("sources", {}), "images": stats["images"],
+            "best_val_loss": ((state.get("stopper") or {}).get("best_row") or {}).get("val_loss")}  # ensembles weigh members by it
     if shipped:
         gallery = candidate.gallery
         meta["refine"] = {"params": candidate.params.to_dict(), "features": gallery.features, "val_median_km": round(candidate.val_km, 3),
                           "gallery_sha256": gallery.save(gallery_path(model_path)), "gallery_size": len(gallery)}
+    confidence = assess_confidence(cfg, run_dir, model_path, meta, calibration, labels["classes"], train, val, test, split_probs,
+                                   None if test_rows is None else test_rows["error_km"].to_numpy(), backbone.cache_name, regions)
     save_model(model_path, model, spec, space, backbone_trained, meta)
 
     # the gate reads validation, like the choice of epoch; test is only reported
@@ -248,8 +281,10 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                     "cells": n_cls, "h3_resolution": stats["h3_resolution"],
                     "splits": split_counts, "sources": stats.get("sources", {})},
         "config": {"backbone": spec, "head": cfg.model.head, "head_kwargs": dict(head.kwargs), "fusion": cfg.model.fusion,
-                   "levels": [lv.name for lv in space.levels], "loss": cfg.train.loss, "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs,
-                   "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "geo_tau_km": cfg.train.geo_tau_km,
+                   "levels": [lv.name for lv in space.levels], "loss": cfg.train.loss, "epochs": cfg.train.epochs,
+                   "finetune_epochs": cfg.train.finetune_epochs,
+                   "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "device": str(trainer.device),
+                   "precision": cfg.train.precision, "world_size": env.world_size, "geo_tau_km": cfg.train.geo_tau_km,
                    "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "threads": torch.get_num_threads(),
                    "monitor": cfg.train.monitor, "monitor_ema": cfg.train.monitor_ema, "patience": cfg.train.patience,
                    "min_epochs": cfg.train.min_epochs, "knn_k": cfg.eval.knn_k,
@@ -261,6 +296,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "metrics": metrics,
         "baselines": baselines,
         "calibration": calibration,
+        **confidence,  # conformal, selective, ood, regions
         "answer_point": {"refined": shipped, "head_point": bool(head.has_point),
                          "params": candidate.params.to_dict() if shipped else None,
                          "ablation": {k: v for k, v in ablation.items() if v}},
@@ -313,7 +349,7 @@ def choose_refinement(cfg, train: Split, val: Split, val_probs, val_points, feat
     from ..geo import place_names
 
     la, lo = train.lat.numpy(), train.lon.numpy()
-    gallery = Gallery.build(train.feats.numpy(), la, lo, train.labels.numpy(), features, n_cls,
+    gallery = Gallery.build(as_array(train.feats), la, lo, train.labels.numpy(), features, n_cls,
                             places=[p["label"] for p in place_names(zip(la, lo))])
     params, val_km = choose_params(gallery, val.feats.numpy(), val_probs, val.lat.numpy(), val.lon.numpy(), class_lat, class_lon,
                                    fallback=val_points)
@@ -354,8 +390,9 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
     """Copy the run's model to models/best.pt (+ best.json) only if ``metric`` improved on the current best.
 
     ``fingerprint`` names the dataset and its split (``<index>/<split>``). A best model measured on another
-    dataset, split or metric is not comparable: the new model replaces it, with a warning, and
-    ``best.json`` records what it replaced.
+    dataset, split or metric is not comparable: it is kept as the best of its own dataset, moved to
+    ``models/by-dataset/<its fingerprint>/`` (best.pt, gallery, best.json), and the new model takes
+    ``models/best.pt``, with a warning naming where the old one went; ``best.json`` records what it replaced.
     """
     from filelock import FileLock
 
@@ -372,10 +409,25 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
                 if old.get("metric") == metric and old.get("fingerprint", old.get("dataset_fingerprint")) == fingerprint:
                     previous = float(old["value"])
                 else:
+                    kept = archive_best(models_dir, old)
                     console.print(tagged("warning", f"models/best.pt ({old.get('run_id')}) was measured on another dataset, split "
-                                                    f"or metric ({old.get('metric')}); replacing it with {run_id}"))
+                                                    f"or metric ({old.get('metric')}); it stays the best of its dataset in {kept}, "
+                                                    f"and {run_id} becomes models/best.pt"))
             except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError):
                 previous = None
+        own = models_dir / "by-dataset" / fingerprint.replace("/", "_")
+        if not (models_dir / "best.pt").exists() and (own / "best.json").is_file():
+            # this dataset's own best, archived when another dataset took best.pt: it is the one to beat
+            try:
+                kept = read_json(own / "best.json")
+                previous = float(kept["value"]) if kept.get("metric") == metric else None
+            except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+                previous = None
+            if previous is not None and not improves(metric, value, previous):
+                _move_best(own, models_dir)  # back to models/best.pt: the best of the dataset trained last
+                console.print(tagged("warning", f"{run_id} did not beat this dataset's best ({kept.get('run_id')}), "
+                                                "which is models/best.pt again"))
+                return False, previous
         if previous is not None and not improves(metric, value, previous):
             return False, previous
         data = model_path.read_bytes()
@@ -391,3 +443,32 @@ def promote_best(models_dir: Path, model_path: Path, run_id: str, metric: str, v
                                "sha256": hashlib.sha256(data).hexdigest(),
                                "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
         return True, previous
+
+
+def archive_best(models_dir: Path, old: dict) -> Path:
+    """Move the current best (model, gallery, best.json) to ``models/by-dataset/<fingerprint>/``; return that folder.
+
+    Called with the promotion lock held. A folder that already holds a best of that dataset is replaced only by a
+    better one of the same metric (the comparison ``promote_best`` would make); otherwise the archived copy stays."""
+    fp = str(old.get("fingerprint", old.get("dataset_fingerprint", "unknown"))).replace("/", "_")
+    dest = models_dir / "by-dataset" / fp
+    dest.mkdir(parents=True, exist_ok=True)
+    prev = dest / "best.json"
+    if prev.exists():
+        try:
+            p = read_json(prev)
+            if p.get("metric") == old.get("metric") and not improves(str(old["metric"]), float(old["value"]), float(p["value"])):
+                return dest
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+            pass
+    _move_best(models_dir, dest)
+    return dest
+
+
+def _move_best(src_dir: Path, dest_dir: Path) -> None:
+    """best.pt, its gallery and best.json from one folder to another (same filesystem: each move is atomic)."""
+    for name in ("best.pt", gallery_path(src_dir / "best.pt").name, "best.json"):
+        src = src_dir / name
+        if src.is_file():
+            src.replace(dest_dir / name)
+

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses as dc
 import itertools
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,6 +26,7 @@ from ..runtime import cpu_count, ordered_map
 ENGINES = ("auto", "onnx", "onnx-int8", "torch")
 
 ImageInput = str | Path | bytes | Image.Image
+SampleInput = ImageInput | Sequence[ImageInput]  # a list or tuple of images: the views of one sample
 
 
 @dc.dataclass
@@ -35,6 +36,13 @@ class CellPrediction:
     probability: float
     lat: float
     lon: float
+
+
+@dc.dataclass
+class RegionPrediction:
+    region: str       # "Skane, SE": GeoNames admin1 and country code
+    key: str          # "SE/Skane"
+    probability: float  # summed over the region's cells
 
 
 @dc.dataclass
@@ -51,6 +59,30 @@ class Prediction:
     error: str | None = None
     point: str | None = None  # "refined": a training location inside the top cells; "regressed": the head's offset or
     # coordinates; "cell": the top cell's anchor
+    regions: list[RegionPrediction] = dc.field(default_factory=list)  # top-5 regions (serving.confidence)
+    prediction_set: dict | None = None  # conformal cell set: coverage, size, area_km2, cells (threshold fit on validation)
+    ood: bool | None = None     # out-of-distribution flag (None: the model has no OOD threshold)
+    ood_score: float | None = None
+    warning: str | None = None  # one line for the user (the OOD warning)
+    abstained: bool = False     # below --min-confidence: the answer is given but should not be used
+    views: list[str] = dc.field(default_factory=list)    # a multi-view sample: the views its answer uses
+    dropped: list[str] = dc.field(default_factory=list)  # views left out of it, each "name: why"
+
+    def to_dict(self) -> dict:
+        return dc.asdict(self)
+
+
+@dc.dataclass
+class SequencePrediction:
+    """One answer for a sequence of frames (their evidence combined) and each frame's own prediction.
+
+    ``frame_errors_km``: the distance from the sequence's answer to each frame's known position (None where unknown).
+    """
+    sequence: str
+    prediction: Prediction
+    frames: list[Prediction]
+    combiner: str
+    frame_errors_km: list[float | None] = dc.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dc.asdict(self)
@@ -83,6 +115,19 @@ class Geolocator:
         self.class_lon = np.array([c["lon"] for c in self.classes])
         self.preprocess = model.preprocess if model is not None else Preprocess.from_dict(info["preprocess"])
         self.gallery, self.refine_params = self._load_gallery()
+        from .confidence import Confidence
+
+        self.confidence = Confidence.load(info, self.classes, self._model_file(), self.gallery,
+                                          getattr(self.engine, "has_features", False) and hasattr(self.engine, "run"))
+
+    def _model_file(self) -> Path | None:
+        """The ``.pt`` model file beside which the gallery lives (``best.int8.onnx`` / ``best.onnx`` -> ``best.pt``)."""
+        if self.path is None:
+            return None
+        model_file = self.path
+        while model_file.suffix:
+            model_file = model_file.with_suffix("")
+        return model_file.with_suffix(".pt")
 
     def _load_gallery(self):
         """The refinement gallery the model was trained with, if it has one; a bad one warns and is not used."""
@@ -91,10 +136,7 @@ class Geolocator:
             return None, None
         from ..tasks.refine import Gallery, GalleryError, RefineParams, gallery_path
 
-        model_file = self.path
-        while model_file.suffix:  # best.int8.onnx / best.onnx -> best.pt
-            model_file = model_file.with_suffix("")
-        model_file = model_file.with_suffix(".pt")
+        model_file = self._model_file()
         try:
             g = Gallery.load(gallery_path(model_file), sha256=spec.get("gallery_sha256"), features=spec.get("features"),
                              num_classes=len(self.classes))
@@ -106,10 +148,11 @@ class Geolocator:
         return g, RefineParams(**spec["params"])
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = "models/best.pt", engine: str = "auto",
+    def from_pretrained(cls, path: str | Path | Sequence[str | Path] = "models/best.pt", engine: str = "auto",
                         onnx_path: str | Path | None = None, threads: int | None = None,
-                        workers: int | None = None) -> "Geolocator":
-        """Load a model file.
+                        workers: int | None = None, ensemble: str = "average") -> "Geolocator":
+        """Load a model file (or several: an ensemble over one label space, combined by ``ensemble`` =
+        average | val-median | val-loss | rank; see :mod:`geolocate.serving.ensemble`).
 
         ``engine="auto"`` (the default) and ``"onnx"`` run it with ONNX Runtime from ``<model>.onnx``, reused
         while its recorded sha256 matches the model (no torch import, no PyTorch model built) and exported again,
@@ -119,6 +162,14 @@ class Geolocator:
         one that disagrees with fp32 on held-out images). A path ending in ``.onnx`` is served by ONNX Runtime alone. ``threads``: intra-op threads per call
         (default 1 for ONNX Runtime, whose calls run on ``workers`` threads; all cores for PyTorch).
         """
+        if isinstance(path, (list, tuple)):
+            if len(path) > 1:
+                from .ensemble import load_ensemble
+
+                return load_ensemble(path, ensemble, engine=engine, onnx_path=onnx_path, threads=threads, workers=workers)
+            if not path:
+                raise ValueError("no model file given")
+            path = path[0]
         path = Path(path)
         engine = str(getattr(engine, "value", engine)).lower()
         if engine not in ENGINES:
@@ -184,6 +235,8 @@ class Geolocator:
             "answer_point": ({"refined": True, **meta["refine"], "gallery_loaded": self.gallery is not None}
                              if meta.get("refine") else {"refined": False}),
             "model_file": str(self.path) if self.path else None,
+            "confidence": self.confidence.card(),
+            "ensemble": self.info.get("ensemble"),
         }
 
     # ---- core ---------------------------------------------------------------
@@ -191,8 +244,15 @@ class Geolocator:
         """(B, 3, S, S) preprocessed batch -> (B, C) class probabilities (softmax)."""
         return self.engine.probabilities(batch)
 
-    def _prepare(self, item: ImageInput, truth: tuple[float, float] | None, name: str | None = None) -> tuple[np.ndarray | None, Prediction]:
-        """Decode one input (EXIF read once, in the same parse) into its array and a Prediction to fill."""
+    def _prepare(self, item: SampleInput, truth: tuple[float, float] | None,
+                 name: str | Sequence[str | None] | None = None) -> tuple[np.ndarray | list[np.ndarray] | None, Prediction]:
+        """Decode one input (EXIF read once, in the same parse) into its array and a Prediction to fill.
+
+        A list or tuple of images is one multi-view sample: its arrays (the views that decode) and one Prediction
+        whose ``views``/``dropped`` say which were used; ``name`` may then be the sample's label or one name per view.
+        """
+        if isinstance(item, (list, tuple)):
+            return self._prepare_views(item, truth, name)
         given = name
         if name is None:
             name = str(item) if isinstance(item, (str, Path)) else ("<upload>" if isinstance(item, (bytes, bytearray)) else "<image>")
@@ -201,7 +261,11 @@ class Geolocator:
             pred.error = f"{name}: not an image input (give a path, bytes or a PIL image, not {type(item).__name__})"
             return None, pred
         try:
-            array, exif = self.preprocess.load(item, name=given)
+            if self.tta:
+                views = [self.preprocess.load(item, name=given, transform=t) for t in self._tta_transforms()]
+                array, exif = [v for v, _ in views], views[0][1]
+            else:
+                array, exif = self.preprocess.load(item, name=given)
         except ImageError as e:
             pred.error = str(e)
             return None, pred
@@ -216,14 +280,38 @@ class Geolocator:
                 pred.true_lat, pred.true_lon = meta["lat"], meta["lon"]
         return array, pred
 
-    def predict_one(self, item: ImageInput, top_k: int = 5, name: str | None = None,
+    def _prepare_views(self, items: Sequence, truth, name) -> tuple[list[np.ndarray] | None, Prediction]:
+        names = list(name) if isinstance(name, (list, tuple)) else [None] * len(items)
+        if len(names) != len(items):
+            raise ValueError(f"{len(names)} names for a sample of {len(items)} views")
+        parts = []
+        for it, n in zip(items, names):
+            if isinstance(it, (list, tuple)):
+                shown = n or f"view {len(parts) + 1}"
+                parts.append((None, Prediction(source=shown, error=f"{shown}: a view must be one image, not a list")))
+            else:
+                parts.append(self._prepare(it, truth, n))
+        label = name if isinstance(name, str) else " + ".join(p.source for _, p in parts)
+        pred = Prediction(source=label, views=[p.source for a, p in parts if a is not None],
+                          dropped=[p.error for a, p in parts if a is None])
+        known = [p for a, p in parts if a is not None and p.true_lat is not None]
+        if known:  # the given truth, else the first view with EXIF GPS
+            pred.true_lat, pred.true_lon = known[0].true_lat, known[0].true_lon
+        arrays = [x for a, _ in parts if a is not None for x in (a if isinstance(a, list) else [a])]  # TTA: views of views
+        if not items:
+            pred.error = f"{label or '<sample>'}: a sample with no views"
+        elif not arrays:
+            pred.error = f"{label}: none of its {len(items)} views can be used ({'; '.join(pred.dropped)})"
+        return arrays or None, pred
+
+    def predict_one(self, item: SampleInput, top_k: int = 5, name: str | Sequence[str | None] | None = None,
                     truth: tuple[float, float] | None = None) -> Prediction:
-        """One image, decoded and run in the calling thread (what the HTTP server uses per request)."""
+        """One image (or a list of views of one sample), decoded and run in the calling thread (the HTTP server's path)."""
         _check_positive("top_k", top_k)
         return self._run([self._prepare(item, truth, name)], top_k)[0]
 
     def _finish(self, pred: Prediction, probs: np.ndarray, top_k: int, point: tuple | None = None,
-                regressed: np.ndarray | None = None) -> Prediction:
+                regressed: np.ndarray | None = None, ood_score: float | None = None) -> Prediction:
         if not np.isfinite(probs).all():
             pred.error = (f"{pred.source}: the model gave non-finite probabilities (a corrupted model file?); "
                           "no prediction")
@@ -244,39 +332,82 @@ class Geolocator:
                 pred.place = str(self.gallery.places[point[2]])
         if pred.true_lat is not None:
             pred.error_km = float(haversine_km(pred.true_lat, pred.true_lon, pred.lat, pred.lon))
+        self.confidence.annotate(pred, probs, ood_score)
         return pred
 
-    def _run(self, buf: list[tuple[np.ndarray | None, Prediction]], top_k: int) -> list[Prediction]:
-        arrays = [a for a, _ in buf if a is not None]
-        points = regressed = None
+    # the registered combiner (geolocate.tasks.combine) fusing the views of one sample; features are averaged
+    view_combiner = "mean_prob"
+    # test-time augmentation (geolocate.tta): each image becomes the views its domain allows, fused like a sample
+    tta = False
+
+    def _tta_transforms(self):
+        from ..tta import domain_of, tta_transforms
+
+        if getattr(self, "_tta", None) is None:
+            self._tta = tta_transforms(domain_of(((self.info.get("meta") or {}).get("sources") or {}).keys()))
+        return self._tta
+
+    def _forward(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(probabilities (N, C), features (N, F) when refinement or the OOD score use them, else None, the head's
+        point (N, 2) when it predicts one, else None) of N arrays."""
+        wants = (self.gallery is not None or self.confidence.needs_features) and getattr(self.engine, "has_features", False)
+        if hasattr(self.engine, "run") and (wants or getattr(self.engine, "has_point", False)):
+            out = self.engine.run(np.stack(arrays))
+            return out["probabilities"], out.get("features") if wants else None, out.get("point")
+        return self.probabilities(np.stack(arrays)), None, None
+
+    def _evidence(self, buf: list[tuple]) -> tuple[list[int], np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """Run the samples of ``buf`` that decoded: (their indices, probabilities (n, C), features (n, F) or None,
+        head points (n, 2) or None).
+
+        A multi-view sample's views are fused into one row (``view_combiner``, mean features, spherical mean of the
+        points). An inference failure sets that sample's ``error``; one bad sample never sinks the others (they
+        are rerun one by one).
+        """
+        idx = [i for i, (a, _) in enumerate(buf) if a is not None]
+        if not idx:
+            return [], None, None, None
+        groups = [[buf[i][0]] if isinstance(buf[i][0], np.ndarray) else list(buf[i][0]) for i in idx]
         try:
-            if not arrays:
-                probs = None
-            elif hasattr(self.engine, "run") and (getattr(self.engine, "has_point", False) or
-                                                  (self.gallery is not None and getattr(self.engine, "has_features", False))):
-                out = self.engine.run(np.stack(arrays))
-                probs = out["probabilities"]
-                regressed = out.get("point")
-                if self.gallery is not None and "features" in out:
-                    points = self._refine(out["features"], probs)
-            else:
-                probs = self.probabilities(np.stack(arrays))
+            probs, feats, points = self._forward([v for g in groups for v in g])
         except Exception as e:  # noqa: BLE001 - one bad input must not sink the batch: run them one by one
-            if len(arrays) > 1:
-                return [p for a, pred in buf for p in (self._run([(a, pred)], top_k) if a is not None else [pred])]
-            for a, pred in buf:
-                if a is not None:
-                    pred.error = f"{pred.source}: inference failed ({one_line(e)})"
-            return [pred for _, pred in buf]
-        out, j = [], 0
-        for a, pred in buf:
-            if a is None:
-                out.append(pred)
-            else:
-                out.append(self._finish(pred, probs[j], top_k, None if points is None else points[j],
-                                        None if regressed is None else regressed[j]))
-                j += 1
-        return out
+            if len(idx) > 1:
+                parts = [(i, self._evidence([buf[i]])) for i in idx]
+                ok = [(i, r) for i, r in parts if r[0]]
+                if not ok:
+                    return [], None, None, None
+                cat = lambda k: None if ok[0][1][k] is None else np.concatenate([r[k] for _, r in ok])  # noqa: E731
+                return [i for i, _ in ok], cat(1), cat(2), cat(3)
+            buf[idx[0]][1].error = f"{buf[idx[0]][1].source}: inference failed ({one_line(e)})"
+            return [], None, None, None
+        if any(len(g) > 1 for g in groups):
+            from ..tasks.combine import combine, mean_features, mean_points
+
+            bounds = np.cumsum([0] + [len(g) for g in groups])
+            spans = list(zip(bounds[:-1], bounds[1:]))
+            probs = np.stack([combine(self.view_combiner, probs[s:e]) for s, e in spans])
+            if feats is not None:
+                feats = np.stack([mean_features(feats[s:e]) for s, e in spans])
+            if points is not None:
+                points = np.stack([mean_points(points[s:e]) for s, e in spans])
+        return idx, probs, feats, points
+
+    def _answer(self, preds: list[Prediction], probs: np.ndarray, feats: np.ndarray | None, top_k: int,
+                regressed: np.ndarray | None = None) -> list[Prediction]:
+        """Fill each Prediction from its row of probabilities (features: the refined answer point and the OOD score;
+        ``regressed``: the head's own point)."""
+        points = self._refine(feats, probs) if feats is not None and self.gallery is not None else None
+        ood = self.confidence.ood_scores(feats)
+        return [self._finish(p, probs[j], top_k, None if points is None else points[j],
+                             None if regressed is None else regressed[j], None if ood is None else float(ood[j]))
+                for j, p in enumerate(preds)]
+
+    def _run(self, buf: list[tuple], top_k: int) -> list[Prediction]:
+        idx, probs, feats, points = self._evidence(buf)
+        if idx:
+            self._answer([buf[i][1] for i in idx], probs, feats, top_k, points)
+        return [pred for _, pred in buf]
+
 
     def _refine(self, feats: np.ndarray, probs: np.ndarray) -> list[tuple[float, float, int]]:
         from ..tasks.refine import refine
@@ -285,9 +416,9 @@ class Geolocator:
         la, lo, idx = refine(self.gallery, np.nan_to_num(feats), safe, self.refine_params, self.class_lat, self.class_lon)
         return list(zip(la.tolist(), lo.tolist(), idx.tolist()))
 
-    def predict_iter(self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32,
+    def predict_iter(self, images: Iterable[SampleInput], top_k: int = 5, batch_size: int = 32,
                      truths: Sequence[tuple[float, float] | None] | None = None) -> Iterator[Prediction]:
-        """Stream predictions in input order.
+        """Stream predictions in input order (an input that is a list of images is one multi-view sample).
 
         Each of ``self.workers`` threads decodes a whole batch and runs it through the engine (ONNX Runtime
         sessions run concurrently; PyTorch serialises its forwards), at most ``workers + 1`` batches in
@@ -308,14 +439,80 @@ class Geolocator:
         for preds in ordered_map(work, batches(), self.workers):
             yield from preds
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32,
+    def predict(self, images: SampleInput | Sequence[SampleInput], top_k: int = 5, batch_size: int = 32,
                 truths: Sequence[tuple[float, float] | None] | None = None) -> list[Prediction]:
-        """One Prediction per input, in order; an input that cannot be used has ``error`` set instead of raising."""
+        """One Prediction per input, in order; an input that cannot be used has ``error`` set instead of raising.
+
+        ``predict([[n, e, s, w], img5])``: a list entry that is itself a list is one sample seen from several views;
+        its views' probabilities are fused (``view_combiner``), views that do not decode are left out and named in
+        its ``dropped``.
+        """
         if images is None:
             raise ValueError("images is None: give a path, bytes, a PIL image or a list of them")
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
             images = [images]
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size, truths=truths))
+
+    # ---- sequences ------------------------------------------------------------
+    def predict_sequences_iter(self, sequences: Mapping[str, Sequence[SampleInput]] | Iterable[tuple], top_k: int = 5,
+                               batch_size: int = 32, combiner: str = "sum_logprob",
+                               combiner_params: Mapping | None = None) -> Iterator[SequencePrediction]:
+        """One :class:`SequencePrediction` per sequence, in order: each frame's prediction and one answer for all.
+
+        ``sequences``: ``{id: frames}``, or ``(id, frames)`` / ``(id, frames, truths)`` tuples where ``truths`` gives
+        each frame's known (lat, lon) or None (else the frame's EXIF GPS is used).
+
+        The frames' probabilities are combined by the registered ``combiner`` (``geolocate.tasks.combine``; default
+        ``sum_logprob``: the cell the frames agree on) and their features averaged for the refinement step.
+        Frames that cannot be used are reported in their own Prediction and left out of the sequence's answer.
+        """
+        from ..tasks.combine import combine, get_combiner, mean_features, mean_points
+
+        _check_positive("top_k", top_k)
+        _check_positive("batch_size", batch_size)
+        get_combiner(combiner)
+        params = dict(combiner_params or {})
+        pairs = sequences.items() if isinstance(sequences, Mapping) else sequences
+
+        def work(entry) -> SequencePrediction:
+            sid, frames, truths = (*entry, None) if len(entry) == 2 else entry
+            frames = list(frames)
+            truths = list(truths) if truths is not None else [None] * len(frames)
+            if len(truths) != len(frames):
+                raise ValueError(f"sequence {sid}: {len(truths)} truths for {len(frames)} frames")
+            preds, rows_p, rows_f, rows_pt = [], [], [], []
+            for s in range(0, len(frames), batch_size):
+                buf = [self._prepare(f, t) for f, t in zip(frames[s:s + batch_size], truths[s:s + batch_size])]
+                idx, probs, feats, points = self._evidence(buf)
+                if idx:
+                    self._answer([buf[i][1] for i in idx], probs, feats, top_k, points)
+                    ok = [j for j, i in enumerate(idx) if buf[i][1].error is None]
+                    rows_p.append(probs[ok])
+                    if feats is not None:
+                        rows_f.append(feats[ok])
+                    if points is not None:
+                        rows_pt.append(points[ok])
+                preds.extend(p for _, p in buf)
+            seq = Prediction(source=str(sid), views=[p.source for p in preds if p.error is None],
+                             dropped=[p.error for p in preds if p.error is not None])
+            used = np.concatenate(rows_p) if rows_p else np.zeros((0, len(self.classes)))
+            if len(used) == 0:
+                seq.error = f"sequence {sid}: none of its {len(frames)} frames can be used"
+                return SequencePrediction(str(sid), seq, preds, combiner, [None] * len(preds))
+            p = combine(combiner, used, **params)[None]
+            f = mean_features(np.concatenate(rows_f))[None] if rows_f else None
+            pt = mean_points(np.concatenate(rows_pt))[None] if rows_pt else None
+            self._answer([seq], p, f, top_k, pt)
+            errs = [None if (q.true_lat is None or seq.error) else float(haversine_km(q.true_lat, q.true_lon, seq.lat, seq.lon))
+                    for q in preds]
+            return SequencePrediction(str(sid), seq, preds, combiner, errs)
+
+        yield from ordered_map(work, pairs, self.workers)
+
+    def predict_sequences(self, sequences, top_k: int = 5, batch_size: int = 32, combiner: str = "sum_logprob",
+                          combiner_params: Mapping | None = None) -> list[SequencePrediction]:
+        """``predict_sequences({"drive-1": [f1, f2, ...], ...})``: see :meth:`predict_sequences_iter`."""
+        return list(self.predict_sequences_iter(sequences, top_k, batch_size, combiner, combiner_params))
 
 
 def _check_positive(name: str, value: object) -> None:

@@ -2,7 +2,8 @@
 
 ``create_app(geolocator)`` builds the app around one shared :class:`Geolocator`:
 
-- ``POST /predict`` (multipart field ``file``; ``top_k`` as query or form field)
+- ``POST /predict`` (multipart field ``file``, repeated up to :data:`MAX_VIEWS` times for the views of one
+  place, whose probabilities are averaged; ``top_k`` as query or form field)
   -> top-k H3 cells (id, place, probability, centroid), the predicted lat/lon,
   the true position and error when the photo carries EXIF GPS, and the cells
   as a GeoJSON FeatureCollection (polygons split at the antimeridian).
@@ -44,10 +45,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ..geo import cell_polygon_geojson
 from .batching import BatchingEngine
+from .confidence import set_sentence
 from .predictor import Geolocator, Prediction
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MB = 1024 * 1024
+MAX_VIEWS = 4  # photos one POST /predict may carry: the views of one place (N/E/S/W)
 _ENVELOPE_SLACK = 256 * 1024  # multipart boundaries, part headers and the top_k field
 
 
@@ -61,6 +64,20 @@ class CellOut(BaseModel):
     lon: float = Field(description="cell centroid longitude (degrees)")
 
 
+class RegionOut(BaseModel):
+    region: str = Field(description="GeoNames admin1 and country code, e.g. 'Skane, SE'")
+    key: str = Field(description="CC/admin1, as in the --csv answer file")
+    probability: float = Field(description="summed over the region's cells")
+
+
+class PredictionSetOut(BaseModel):
+    coverage: float = Field(description="target coverage the threshold was fit for on validation (e.g. 0.9)")
+    size: int = Field(description="cells in the set")
+    area_km2: float
+    cells: list[str] = Field(description="H3 cells, most probable first")
+    sentence: Optional[str] = None
+
+
 class PredictionOut(BaseModel):
     source: str
     lat: float = Field(description="predicted latitude: a training location inside the top cells (point=refined) or the top cell's anchor")
@@ -70,9 +87,16 @@ class PredictionOut(BaseModel):
     place: str
     top: list[CellOut]
     geojson: dict[str, Any] = Field(description="GeoJSON FeatureCollection of the top cells' polygons ([lon, lat])")
+    views: list[str] = Field(default_factory=list, description="several photos of one place: the ones the answer uses")
+    dropped: list[str] = Field(default_factory=list, description="photos of this request left out, each 'name: why'")
     true_lat: Optional[float] = Field(None, description="from the photo's EXIF GPS, when present")
     true_lon: Optional[float] = None
     error_km: Optional[float] = None
+    regions: list[RegionOut] = Field(default_factory=list, description="top-5 regions (country + admin1)")
+    prediction_set: Optional[PredictionSetOut] = Field(None, description="conformal cell set (threshold fit on validation)")
+    ood: Optional[bool] = Field(None, description="true: the photo is unlike the training images (null: the model has no OOD threshold)")
+    ood_score: Optional[float] = None
+    warning: Optional[str] = Field(None, description="one line for the user (the out-of-distribution warning)")
     engine: str
     run_id: Optional[str] = None
     elapsed_ms: float
@@ -275,30 +299,44 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
     )
     app.state.geolocator = geolocator
     app.add_middleware(GZipMiddleware, minimum_size=4096)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes + _ENVELOPE_SLACK, message=too_large)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_VIEWS * (max_bytes + _ENVELOPE_SLACK),
+                       message=f"upload exceeds the limit of {MAX_VIEWS} photos of {max_upload_mb:g} MB")
     app.add_middleware(SameOriginMiddleware)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    def infer(data: bytes, name: str, top_k: int) -> dict:
+    def infer(uploads: list[tuple[bytes, str]], top_k: int) -> dict:
         with working:
-            return _infer(data, name, top_k)
+            return _infer(uploads, top_k)
 
-    def _infer(data: bytes, name: str, top_k: int) -> dict:
+    def _check(data: bytes, name: str) -> HTTPException | None:
+        """Why an upload is not an image Pillow can open (415/422), else None."""
         from PIL import Image, UnidentifiedImageError
 
-        t0 = time.perf_counter()
         if not data:
-            raise HTTPException(422, f"{name}: empty file (0 bytes)")
+            return HTTPException(422, f"{name}: empty file (0 bytes)")
         try:
             with Image.open(io.BytesIO(data)):
                 pass
         except UnidentifiedImageError:
-            raise HTTPException(415, f"{name}: not a recognised image format (send a JPEG, PNG, WebP, TIFF, BMP or GIF photo)") from None
+            return HTTPException(415, f"{name}: not a recognised image format (send a JPEG, PNG, WebP, TIFF, BMP or GIF photo)")
         except Exception as e:  # noqa: BLE001 - a header Pillow cannot even parse
-            raise HTTPException(422, f"{name}: corrupt image ({e})") from None
-        pred = geolocator.predict_one(data, top_k=top_k, name=name)
+            return HTTPException(422, f"{name}: corrupt image ({e})")
+        return None
+
+    def _infer(uploads: list[tuple[bytes, str]], top_k: int) -> dict:
+        t0 = time.perf_counter()
+        problems = [_check(d, n) for d, n in uploads]
+        good = [u for u, e in zip(uploads, problems) if e is None]
+        if not good:  # every photo is unusable: the first one's answer (one photo: exactly as before)
+            raise problems[0]
+        if len(uploads) == 1:
+            pred = geolocator.predict_one(good[0][0], top_k=top_k, name=good[0][1])
+        else:  # the views of one place: predicted together; the unusable ones are named in "dropped"
+            pred = geolocator.predict_one([d for d, _ in good], top_k=top_k, name=[n for _, n in good])
+            pred.dropped = [e.detail for e in problems if e is not None] + pred.dropped
+            pred.source = " + ".join(n for _, n in uploads)
         if pred.error:
             raise HTTPException(422, pred.error)
         with counter_lock:
@@ -306,6 +344,9 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
         out = pred.to_dict()
         out["top"] = [{"rank": i, **c} for i, c in enumerate(out["top"], 1)]
         out.pop("error", None)
+        out.pop("abstained", None)
+        if out.get("prediction_set"):
+            out["prediction_set"]["sentence"] = set_sentence(pred.prediction_set)
         out.update(geojson=cells_feature_collection(pred), engine=geolocator.engine_name, run_id=card.get("run_id"),
                    elapsed_ms=round(1000 * (time.perf_counter() - t0), 2))
         return out
@@ -322,30 +363,42 @@ def create_app(geolocator: Geolocator, max_upload_mb: float = 20, max_inflight: 
     @app.get("/model", summary="Model card: backbone, classes, H3 resolution, training data, metrics")
     def model() -> dict:
         public = card | {"model_file": Path(card["model_file"]).name if card.get("model_file") else None}
+        if card.get("ensemble"):  # file names only, as for model_file: the server's folders are not the public's business
+            ens = card["ensemble"]
+            public["ensemble"] = ens | {"members": [Path(m).name for m in ens["members"]],
+                                        "refined_with": Path(ens["refined_with"]).name if ens.get("refined_with") else None}
         return public | {"max_upload_mb": max_upload_mb}
 
     @app.post("/predict", response_model=PredictionOut, summary="Where was this photo taken?",
               responses={413: {"description": "upload too large"}, 415: {"description": "not an image"},
-                         422: {"description": "corrupt or truncated image, or bad parameters"}})
+                         422: {"description": f"corrupt or truncated image, more than {MAX_VIEWS} photos, or bad parameters"}})
     async def predict(
-        file: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, TIFF, BMP, GIF)"),
+        file: list[UploadFile] = File(..., description=f"the photo (JPEG, PNG, WebP, TIFF, BMP, GIF); up to {MAX_VIEWS} "
+                                                       "photos of one place (views) in repeated file fields"),
         top_k: Optional[int] = Query(None, ge=1, description="how many cells to return (default 5)"),
         top_k_form: Optional[int] = Form(None, alias="top_k", ge=1, description="the same as a form field"),
     ) -> dict:
         k = top_k or top_k_form or 5
         if not admitted.acquire(blocking=False):
-            await file.close()
+            for f in file:
+                await f.close()
             raise HTTPException(503, f"busy: {max_inflight} photos are being processed and {max_queued} are waiting; "
                                      "retry in a moment", headers={"Retry-After": "1"})
         with counter_lock:
             in_flight["n"] += 1
         try:
-            data = await file.read(max_bytes + 1)
-            await file.close()
-            if len(data) > max_bytes:
-                raise HTTPException(413, too_large)
-            return await run_in_threadpool(infer, data, file.filename or "upload", min(k, num_classes))
+            if len(file) > MAX_VIEWS:
+                raise HTTPException(422, f"{len(file)} photos in one request: send at most {MAX_VIEWS} views of one place")
+            uploads = []
+            for i, f in enumerate(file, 1):
+                data = await f.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise HTTPException(413, f"{f.filename or 'upload'}: {too_large}" if len(file) > 1 else too_large)
+                uploads.append((data, f.filename or (f"upload {i}" if len(file) > 1 else "upload")))
+            return await run_in_threadpool(infer, uploads, min(k, num_classes))
         finally:
+            for f in file:
+                await f.close()
             with counter_lock:
                 in_flight["n"] -= 1
             admitted.release()

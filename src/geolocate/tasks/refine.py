@@ -46,10 +46,15 @@ class Gallery:
     places: np.ndarray | None = None  # (N,) str: place name of each item ("near Lund, SE"), looked up at build time
 
     @classmethod
-    def build(cls, feats: np.ndarray, lat, lon, labels, features: str, num_classes: int, places=None) -> "Gallery":
-        f = np.asarray(feats, np.float32)
-        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-        return cls(f.astype(np.float16), np.asarray(lat, np.float64), np.asarray(lon, np.float64),
+    def build(cls, feats, lat, lon, labels, features: str, num_classes: int, places=None,
+              max_block_bytes: int = 256 << 20) -> "Gallery":
+        """From features (an array, a memory map or a store view: normalised one block at a time into float16)."""
+        from ..evaluation.baselines import gallery_blocks
+
+        out = np.empty((len(feats), feats.shape[1]), np.float16)
+        for s, block in gallery_blocks(feats, max_block_bytes, desc="gallery"):
+            out[s:s + len(block)] = block
+        return cls(out, np.asarray(lat, np.float64), np.asarray(lon, np.float64),
                    np.asarray(labels, np.int32), features, int(num_classes),
                    None if places is None else np.asarray(places, dtype=str))
 
@@ -104,38 +109,57 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
            max_block_bytes: int = 128 << 20, fallback: tuple[np.ndarray, np.ndarray] | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lat, lon, gallery index or -1) per query; -1 where no gallery item lies in the top cells, and the query
-    keeps its ``fallback`` point (the head's own answer, per query) or else the anchor of its top-1 cell."""
-    n = len(query_feats)
+    keeps its ``fallback`` point (the head's own answer, per query) or else the anchor of its top-1 cell.
+
+    Only the items of a query's top cells can win, so the search runs cell by cell: the queries that have cell
+    ``c`` among their top ``top_k`` against the items of ``c`` (blocks of at most ``max_block_bytes`` of float32
+    rows and of scores), with a running best ``neighbours`` per query. That is ``top_k / cells`` of a dense search's
+    work and memory, and a 1M-item gallery needs no float32 copy.
+    """
+    from ..evaluation.baselines import merge_top
+
+    n, N = len(query_feats), len(gallery)
     q = np.asarray(query_feats, np.float32)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    g = gallery.feats.astype(np.float32)
     logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, None))
     k = max(1, min(params.top_k, probs.shape[1]))
     top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    m = max(1, min(params.neighbours, N)) if N else 1
+    best_s = np.full((n, m), -np.inf)
+    best_i = np.full((n, m), -1, dtype=np.int64)
+    order = np.argsort(gallery.labels, kind="stable")                 # the items of each cell, contiguous
+    cells, starts, counts = np.unique(gallery.labels[order], return_index=True, return_counts=True)
+    pair_cell, pair_query = top.ravel(), np.repeat(np.arange(n), k)  # (query, one of its top cells)
+    by_cell = np.argsort(pair_cell, kind="stable")
+    pair_cell, pair_query = pair_cell[by_cell], pair_query[by_cell]
+    lo, hi = np.searchsorted(pair_cell, cells, "left"), np.searchsorted(pair_cell, cells, "right")
+    rows = max(1, max_block_bytes // max(4 * gallery.feats.shape[1], 1))
+    for c, g_start, g_count, q_lo, q_hi in zip(cells.tolist(), starts, counts, lo, hi):
+        if q_lo == q_hi:
+            continue  # no query has this cell among its top cells
+        qs = pair_query[q_lo:q_hi]
+        for g0 in range(g_start, g_start + g_count, rows):
+            gidx = order[g0:min(g0 + rows, g_start + g_count)]
+            g = gallery.feats[gidx].astype(np.float32)
+            mb = min(m, len(gidx))
+            chunk = max(1, max_block_bytes // max(8 * len(gidx), 1))
+            for s in range(0, len(qs), chunk):
+                qq = qs[s:s + chunk]
+                score = logp[qq, c][:, None] + (q[qq] @ g.T) / params.temperature   # (b, items of c)
+                part = np.argpartition(-score, mb - 1, axis=1)[:, :mb]
+                best_s[qq], best_i[qq] = merge_top(best_s[qq], best_i[qq], np.take_along_axis(score, part, axis=1), gidx[part], m)
     out_lat, out_lon = np.full(n, np.nan), np.full(n, np.nan)
     out_idx = np.full(n, -1, dtype=np.int64)
-    chunk = max(1, max_block_bytes // max(8 * len(gallery), 1))
-    xyz = _to_xyz(gallery.lat, gallery.lon)
-    for s in range(0, n, chunk):
-        sim = q[s:s + chunk] @ g.T                                            # (b, N)
-        allowed = np.zeros((len(sim), gallery.num_classes), dtype=bool)
-        np.put_along_axis(allowed, top[s:s + chunk], True, axis=1)
-        inside = allowed[:, gallery.labels]                                  # (b, N)
-        score = np.where(inside, logp[s:s + chunk][:, gallery.labels] + sim / params.temperature, -np.inf)
-        best = score.argmax(1)
-        ok = np.isfinite(score[np.arange(len(sim)), best])
-        if params.neighbours <= 1:
-            out_lat[s:s + chunk][ok], out_lon[s:s + chunk][ok] = gallery.lat[best[ok]], gallery.lon[best[ok]]
-        else:
-            m = min(params.neighbours, score.shape[1])
-            part = np.argpartition(-score, m - 1, axis=1)[:, :m]
-            sc = np.take_along_axis(score, part, axis=1)
-            mx = sc.max(1, keepdims=True)
-            w = np.where(np.isfinite(sc), np.exp(sc - np.where(np.isfinite(mx), mx, 0.0)), 0.0)
-            v = (w[..., None] * xyz[part]).sum(1)
-            la, lo = _to_latlon(v)
-            out_lat[s:s + chunk][ok], out_lon[s:s + chunk][ok] = la[ok], lo[ok]
-        out_idx[s:s + chunk][ok] = best[ok]
+    ok = np.isfinite(best_s[:, 0])
+    best = best_i[:, 0]
+    if params.neighbours <= 1:
+        out_lat[ok], out_lon[ok] = gallery.lat[best[ok]], gallery.lon[best[ok]]
+    elif ok.any():
+        sc, idx = best_s[ok], best_i[ok]
+        w = np.where(np.isfinite(sc), np.exp(sc - sc[:, :1]), 0.0)
+        v = (w[..., None] * _to_xyz(gallery.lat[np.maximum(idx, 0)], gallery.lon[np.maximum(idx, 0)])).sum(1)
+        out_lat[ok], out_lon[ok] = _to_latlon(v)
+    out_idx[ok] = best[ok]
     missing = np.isnan(out_lat)
     if missing.any() and fallback is not None:
         out_lat[missing], out_lon[missing] = np.asarray(fallback[0])[missing], np.asarray(fallback[1])[missing]

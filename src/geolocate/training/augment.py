@@ -10,8 +10,9 @@ import torch
 
 from ..augment import Augment
 from ..progress import console, tagged
-from .embeddings import cached_embeddings
+from .embeddings import cached_embedding_view, cached_embeddings
 from .loop import Split
+from .store import FeatureView
 
 
 def augment_for(cfg, sources: Iterable[str] = ()) -> Augment:
@@ -41,13 +42,19 @@ def with_augmented_copies(train: Split, backbone, ids: Sequence[str], paths: Seq
     """
     if copies <= 0:
         return train
+    lazy = isinstance(train.feats, FeatureView)  # features in the memory-mapped store: the copies stay there too
     feats, keep = [train.feats], [torch.ones(len(train), dtype=torch.bool)]
     for k in range(copies):
-        f, ok = cached_embeddings(backbone, ids, paths, cache_dir, engine=engine, augment=augment, copy=k)
-        feats.append(torch.as_tensor(np.nan_to_num(f)))
+        if lazy:
+            f, ok = cached_embedding_view(backbone, ids, paths, cache_dir, engine=engine, augment=augment, copy=k)
+            feats.append(f)
+        else:
+            f, ok = cached_embeddings(backbone, ids, paths, cache_dir, engine=engine, augment=augment, copy=k)
+            feats.append(torch.as_tensor(np.nan_to_num(f)))
         keep.append(torch.as_tensor(ok))
     mask = torch.cat(keep)
     if (~mask).any():
         console.print(tagged("warning", f"{int((~mask).sum())} augmented copies unreadable: left out"))
     rep = lambda t: t.repeat(copies + 1)[mask]  # noqa: E731
-    return Split(labels=rep(train.labels), lat=rep(train.lat), lon=rep(train.lon), feats=torch.cat(feats)[mask], paths=None)
+    all_feats = FeatureView.concat(feats).select(mask.numpy()) if lazy else torch.cat(feats)[mask]
+    return Split(labels=rep(train.labels), lat=rep(train.lat), lon=rep(train.lon), feats=all_feats, paths=None)

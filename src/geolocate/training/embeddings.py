@@ -1,13 +1,16 @@
 """Embedding extraction with a per-image cache for frozen backbones.
 
-The cache ``<cache_dir>/<backbone cache_name>.npz`` holds, per id, the
-content digest of its image (blake2b of the file bytes), the file's
-size:mtime stamp when it was hashed, and the features. Features are found by
-content, so a copied or moved checkout, or an identical file rewritten, is
-never embedded again; a file whose stamp is unchanged is not even re-hashed.
-An image whose file is gone (``clean-raw``) keeps its cached features by id.
-Caches of older versions (keys of path, size and mtime) keep every entry whose
-file is unchanged in place. Images are decoded and run on one worker thread
+The cache is the sharded float16 store ``<cache_dir>/<backbone cache_name>/``
+(``geolocate.training.store``: memory-mapped shards + an index parquet) and
+holds, per id, the content digest of its image (blake2b of the file bytes),
+the file's size:mtime stamp when it was hashed, and the features. Features are
+found by content, so a copied or moved checkout, or an identical file
+rewritten, is never embedded again; a file whose stamp is unchanged is not
+even re-hashed. An image whose file is gone (``clean-raw``) keeps its cached
+features by id. The single-file ``<cache_name>.npz`` cache of earlier versions
+is migrated into the store when first opened; within it, entries of still
+older versions (keys of path, size and mtime) keep every entry whose file is
+unchanged in place. Images are decoded and run on one worker thread
 per core (see ``geolocate.runtime``).
 
 Augmented copies of training images (``augment.copies``) live in the same
@@ -32,6 +35,7 @@ from ..runtime import ordered_map
 
 if TYPE_CHECKING:
     from ..augment import Augment
+    from .store import FeatureView
 
 
 def content_digest(path: str) -> str | None:
@@ -118,17 +122,26 @@ ENGINES = ("onnx", "torch")
 @torch.inference_mode()
 def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int = 32, desc: str = "embedding",
                 engine: str = "onnx", onnx_cache: str | Path | None = None,
-                workers: int | None = None, transforms: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
+                workers: int | None = None, transforms: Sequence | None = None,
+                device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F) float32 with NaN rows for unreadable images, ok mask (N,)).
 
     ``engine="onnx"`` runs the backbone under ONNX Runtime (same features within ~1e-5, several times faster
     on CPU): each of ``workers`` threads (default: one per core) decodes a batch and runs it through one shared
     single-threaded session. Its export is cached in ``onnx_cache``. ``engine="torch"`` decodes on the workers and
-    runs the batches in this thread. ``transforms`` (training only): one transform or None per path.
+    runs the batches in this thread, on ``device`` (``train.device``; ONNX Runtime runs on the CPU, so a CUDA
+    device switches the engine to torch). ``transforms`` (training only): one transform or None per path.
     """
+    from .precision import resolve_device
+
+    device = resolve_device(device)
+    if device.type != "cpu":
+        engine = "torch"
     if engine not in ENGINES:
         raise ValueError(f"unknown embedding engine {engine!r}: choose one of {', '.join(ENGINES)}")
     backbone.eval()
+    if device.type != "cpu":
+        backbone.to(device)
     ort = None
     if engine == "onnx" and (onnx_cache is not None or len(paths) >= batch_size):  # a fresh export costs seconds
         from ..models.onnx import OrtFeatures
@@ -149,25 +162,46 @@ def embed_paths(backbone: torch.nn.Module, paths: Sequence[str], batch_size: int
         for s, out, ok in ordered_map(work, starts, workers):
             idx = np.arange(s, s + len(ok))[np.asarray(ok)]
             if out is not None:
-                feats[idx] = out if ort is not None else backbone(torch.from_numpy(out)).float().numpy()
+                feats[idx] = out if ort is not None else backbone(torch.from_numpy(out).to(device)).float().cpu().numpy()
                 okmask[idx] = True
             advance(len(ok))
+    if device.type != "cpu":
+        backbone.to("cpu")
     return feats, okmask
 
 
 def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequence[str], cache_dir: str | Path,
                       batch_size: int = 32, engine: str = "onnx", augment: "Augment | None" = None,
-                      copy: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Features for ``ids`` (images at ``paths``) using and refreshing the on-disk cache.
+                      copy: int = 0, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Features for ``ids`` (images at ``paths``) using and refreshing the on-disk cache, as one float32 array.
 
     With ``augment`` (training images only): the features of augmented copy ``copy`` of each image instead.
+    ``cached_embedding_view`` is the same without loading them all into memory.
     """
-    cache = Path(cache_dir) / f"{backbone.cache_name}.npz"
-    entries = load_cache(cache, backbone.num_features)
-    by_digest = {e.digest: e.feat for e in entries.values() if e.digest}
-    feats = np.full((len(ids), backbone.num_features), np.nan, dtype=np.float32)
+    view, ok = cached_embedding_view(backbone, ids, paths, cache_dir, batch_size, engine, augment, copy, device)
+    return np.asarray(view), ok
+
+
+def cached_embedding_view(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequence[str], cache_dir: str | Path,
+                          batch_size: int = 32, engine: str = "onnx", augment: "Augment | None" = None,
+                          copy: int = 0, device: str | torch.device = "cpu") -> tuple["FeatureView", np.ndarray]:
+    """(a :class:`~geolocate.training.store.FeatureView` of the features of ``ids`` in the sharded float16 store
+    ``<cache_dir>/<backbone cache_name>/``, which rows exist); see :func:`cached_embeddings`."""
+    from .store import EmbeddingStore
+
+    store = EmbeddingStore.open(cache_dir, backbone.cache_name, backbone.num_features)
+    cache = store.root
+    entries = store.entries()
+    index = store.index
+    by_digest: dict[str, int] = {}
+    for pos, d in enumerate(index.digests.tolist()):
+        if d:
+            by_digest.setdefault(d, pos)
+    pos_of = np.full(len(ids), -1, dtype=np.int64)      # position in the store's index, -1 = not (yet) there
+    new_of: dict[int, int] = {}                          # row j -> row of the newly computed features
+    changes: dict[str, tuple[str, str, int, int]] = {}   # id -> (digest, stamp, shard, row) to commit
     todo: list[tuple[int, str | None, str | None]] = []   # (row, digest, stamp) to embed
-    changed = legacy = 0
+    legacy = 0
     suffix = f"#{augment.key}.{copy}" if augment is not None else ""
     ids = [i + suffix for i in ids]
     for j, (i, p) in enumerate(zip(ids, paths)):
@@ -175,41 +209,50 @@ def cached_embeddings(backbone: torch.nn.Module, ids: Sequence[str], paths: Sequ
         stamp = file_stamp(p)
         if stamp is None:  # gone (`clean-raw`): the cached features of its id, if any
             if old is not None:
-                feats[j] = old.feat
+                pos_of[j] = old
             else:
                 todo.append((j, None, None))
             continue
-        if old is not None and old.digest and old.stamp == stamp:
-            feats[j] = old.feat  # unchanged since it was hashed
+        old_digest = index.digests[old] if old is not None else ""
+        if old is not None and old_digest and index.stamps[old] == stamp:
+            pos_of[j] = old  # unchanged since it was hashed
             continue
         digest = content_digest(p)
         digest = digest and digest + suffix
         hit = by_digest.get(digest) if digest else None
-        if hit is None and old is not None and not old.digest and not suffix and old.stamp == legacy_key(p):
-            hit, legacy = old.feat, legacy + 1
+        if hit is None and old is not None and not old_digest and not suffix and index.stamps[old] == legacy_key(p):
+            hit, legacy = old, legacy + 1
         if hit is None:
             todo.append((j, digest, stamp))
             continue
-        feats[j] = hit
-        entries[i] = CacheEntry(digest, stamp, hit)
+        pos_of[j] = hit
+        changes[i] = (digest, stamp, int(index.shard[hit]), int(index.row[hit]))
         by_digest[digest] = hit
-        changed += 1
     if legacy:
         console.print(tagged("note", f"embedding cache {cache}: {legacy} entries of an older cache format kept "
                              "(their files are unchanged); the cache now keys images by content"), highlight=False, soft_wrap=True)
+    loc = store.location(pos_of)
+    new = None
     if todo:
         rows = [j for j, _, _ in todo]
         transforms = [augment.seeded(augment.seed_for(d, copy)) for _, d, _ in todo] if augment is not None else None
         new, ok = embed_paths(backbone, [paths[j] for j in rows], batch_size, engine=engine, onnx_cache=Path(cache_dir) / "onnx",
-                              desc="embedding (augmented)" if augment is not None else "embedding", transforms=transforms)
-        feats[rows] = new
-        for (j, digest, stamp), f, good in zip(todo, new, ok):
-            if good and digest:
-                entries[ids[j]] = CacheEntry(digest, stamp, f)
-                changed += 1
+                              desc="embedding (augmented)" if augment is not None else "embedding", transforms=transforms,
+                              device=device)
+        keep = np.flatnonzero(ok)
+        new = new[keep]
+        for k, t in enumerate(keep.tolist()):
+            j, digest, stamp = todo[t]
+            new_of[j] = k
+            if digest:
+                changes[ids[j]] = (digest, stamp, -1, k)
     what = f"augmented copy {copy} ({augment.domain}, {augment.key}) " if augment is not None else ""
     console.print(f"embeddings: {what}{len(ids) - len(todo)} cached, {len(todo)} computed ({cache})", markup=False,
                   highlight=False, soft_wrap=True)
-    if changed:
-        save_cache(cache, entries)
-    return feats, ~np.isnan(feats).any(axis=1)
+    if changes or new_of:
+        # features computed for images without a digest (unreadable digests) are stored too, but indexed by no id
+        new_loc = store.commit(changes, new if new is not None and len(new) else None)
+        for j, k in new_of.items():
+            loc[j] = new_loc[k]
+    view = store.view(loc)
+    return view, view.ok()

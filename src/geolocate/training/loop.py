@@ -15,7 +15,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,8 +25,15 @@ from ..catalogue import better, metric
 from ..geo import geoscore, haversine_km
 from ..io import atomic_write, one_line
 from ..progress import progress_bar
+from . import distributed as D
 from .losses import LossContext, class_weights_from_counts
+from .precision import Precision
 from .sampling import epoch_order, hard_negative_weights
+from ..models.outputs import GeoOutput
+
+
+if TYPE_CHECKING:
+    from .store import FeatureView
 
 
 def seed_everything(seed: int) -> None:
@@ -94,7 +101,7 @@ class Split:
     labels: torch.Tensor
     lat: torch.Tensor
     lon: torch.Tensor
-    feats: torch.Tensor | None = None
+    feats: "torch.Tensor | FeatureView | None" = None   # a FeatureView: rows of the memory-mapped store, read per batch
     paths: list[str] | None = None
     view_mask: torch.Tensor | None = None
 
@@ -134,6 +141,25 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return f
 
 
+def feature_rows(feats, idx=None) -> torch.Tensor:
+    """float32 rows ``idx`` (all when None) of a tensor or a :class:`~geolocate.training.store.FeatureView`."""
+    if isinstance(feats, torch.Tensor):
+        return feats if idx is None else feats[idx]
+    return torch.from_numpy(feats.rows(slice(None) if idx is None else idx))
+
+
+def _ctx_on(ctx: LossContext, device: torch.device) -> LossContext:
+    if device.type == "cpu":
+        return ctx
+    cw = None if ctx.class_weights is None else ctx.class_weights.to(device)
+    return LossContext(ctx.class_lat.to(device), ctx.class_lon.to(device), cw, ctx.tau_km, ctx.mix_ce, ctx.name,
+                       ctx.level_weight, ctx.reg_weight)
+
+
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.float().cpu()
+
+
 class Trainer:
     """Trains a registered head (frozen phase) or backbone + head (fine-tuning) on one label space; every loss and
     validation number goes through the head's own ``loss`` and ``decode``."""
@@ -151,21 +177,30 @@ class Trainer:
                                self.tc.level_weight, self.tc.reg_weight)
         self.ckpt_dir = Path(ckpt_dir)
         self.on_epoch = on_epoch or (lambda row: None)
+        # device, precision and data parallelism (training/precision.py, training/distributed.py)
+        self.dist = D.current()
+        self.device = D.device_for(self.tc.device, self.dist)
+        self.precision = Precision(self.tc.precision, self.device)
+        self.train_ctx = _ctx_on(self.ctx, self.device)
 
     # ---- evaluation on a split ------------------------------------------------
     def val_metrics(self, head: nn.Module, out, split: Split) -> dict:
-        """Validation numbers of one ``GeoOutput`` on ``split``, through the head's decode (its answer point)."""
+        """Validation numbers of one ``GeoOutput`` on ``split``, through the head's decode (its answer point), on the
+        head's device."""
+        dev = next(head.parameters()).device
+        out = out.map(lambda t: t.to(dev))
         dec = head.decode(out)
-        lp = dec.log_probs
+        lp = dec.log_probs.float().cpu()
         pred = lp.argmax(1)
         if dec.point is not None:
-            pt_lat, pt_lon = dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy()
+            pt_lat, pt_lon = dec.point[:, 0].double().cpu().numpy(), dec.point[:, 1].double().cpu().numpy()
         else:
             pt_lat, pt_lon = self.class_lat[pred].numpy(), self.class_lon[pred].numpy()
         d = haversine_km(split.lat.numpy(), split.lon.numpy(), pt_lat, pt_lon)
         top5 = lp.topk(min(5, lp.shape[1]), dim=1).indices
+        y, la, lo = (t.to(dev) for t in (split.labels, split.lat, split.lon))
         return {
-            "val_loss": float(head.loss(out, split.labels, split.lat, split.lon, self.ctx)),
+            "val_loss": float(head.loss(out, y, la, lo, self.ctx if dev.type == "cpu" else self.train_ctx)),
             "val_top1": float((pred == split.labels).float().mean()),
             "val_top5": float((top5 == split.labels[:, None]).any(1).float().mean()),
             "val_median_km": float(np.median(d)),
@@ -184,44 +219,48 @@ class Trainer:
         module = head if fusion is None else FusedHead(fusion, head)
         train_ds = FeatureDataset.of_split(train) if fusion is not None else None
 
-        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def batches(epoch: int) -> Iterator[tuple[torch.Tensor | tuple, torch.Tensor, int]]:  # (x, this rank's rows, global batch size)
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + epoch)
             weights = None
             if self.tc.hard_negatives > 0 and epoch > 1:  # the confusions of the head as it enters this epoch
                 with torch.no_grad():
                     module.eval()
-                    pred = head.decode(self.forward_split(module, train)).log_probs.argmax(1).numpy()
+                    pred = torch.cat([head.decode(out).log_probs.argmax(1).cpu() for out in self.outputs(module, train)]).numpy()
                     module.train()
                 weights = hard_negative_weights(pred, train.labels.numpy(), self.labels.num_classes, self.tc.hard_negatives)
             perm = epoch_order(len(train), g, weights)
             chunks = [perm[s:s + self.tc.batch_size] for s in range(0, len(train), self.tc.batch_size)]
+            shards = [D.shard(batch, self.dist) for batch in chunks]  # this rank's share of each global batch
             if train_ds is None:
-                for idx in chunks:
-                    yield train.feats[idx], idx
+                for batch, idx in zip(chunks, shards):
+                    yield feature_rows(train.feats, idx).to(self.device, non_blocking=True), idx, len(batch)
             else:
-                for idx, b in zip(chunks, feature_loader(train_ds, chunks)):
-                    yield (b["features"], b["view_mask"]), idx
+                for batch, idx, b in zip(chunks, shards, feature_loader(train_ds, shards)):
+                    yield (b["features"].to(self.device, non_blocking=True), b["view_mask"].to(self.device)), idx, len(batch)
 
         @torch.no_grad()
         def evaluate():
             module.eval()
-            return self.forward_split(module, val)
+            with self.precision.autocast():
+                return GeoOutput.cat([out.map(_to_cpu) for out in self.outputs(module, val)])
 
         opt = torch.optim.AdamW(module.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         return self._run("frozen", self.tc.epochs, module, head, opt, batches, train, val, evaluate, resume)
 
-    EVAL_BATCH = 4096
+    EVAL_ROWS = 65536       # rows per forward pass over a whole single-view split
+    EVAL_SAMPLES = 4096     # multi-view samples per batch of the evaluation DataLoader
 
-    def forward_split(self, module: nn.Module, split: Split):
-        """``module``'s ``GeoOutput`` over a whole split: its features at once (single view), or a DataLoader over
-        its ``FeatureDataset`` (multi-view)."""
-        from ..models.outputs import GeoOutput
+    def outputs(self, module: nn.Module, split: Split) -> Iterator[GeoOutput]:
+        """``module``'s outputs (on the training device) over a whole split, batch by batch: chunks of its features
+        (single view), or a DataLoader over its ``FeatureDataset`` (multi-view)."""
         from .dataset import FeatureDataset, feature_loader, sequential_batches
 
         if split.view_mask is None:
-            return module(split.feats)
-        loader = feature_loader(FeatureDataset.of_split(split), sequential_batches(len(split), self.EVAL_BATCH))
-        return GeoOutput.cat([module(b["features"], b["view_mask"]) for b in loader])
+            for s in range(0, len(split), self.EVAL_ROWS):
+                yield module(feature_rows(split.feats, torch.arange(s, min(s + self.EVAL_ROWS, len(split)))).to(self.device))
+            return
+        for b in feature_loader(FeatureDataset.of_split(split), sequential_batches(len(split), self.EVAL_SAMPLES)):
+            yield module(b["features"].to(self.device), b["view_mask"].to(self.device))
 
     def fit_finetune(self, model: nn.Module, train: Split, val: Split,
                      batch_fn: Callable[[nn.Module, list[str], bool, torch.Generator | None], torch.Tensor],
@@ -240,14 +279,17 @@ class Trainer:
             g = torch.Generator().manual_seed(self.tc.seed * 1000 + 500 + epoch)
             perm = torch.randperm(len(train), generator=g)
             for s in range(0, len(train), self.tc.batch_size):
-                idx = perm[s:s + self.tc.batch_size]
-                yield batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g), idx
+                batch = perm[s:s + self.tc.batch_size]
+                idx = D.shard(batch, self.dist)
+                x = batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g).to(self.device) if len(idx) else None
+                yield x, idx, len(batch)
 
         @torch.no_grad()
         def evaluate():
             model.eval()
-            feats = torch.cat([model.backbone(batch_fn(model, val.paths[s:s + 64], False, None)) for s in range(0, len(val), 64)])
-            return model.head(feats)
+            with self.precision.autocast():
+                return GeoOutput.cat([model(batch_fn(model, val.paths[s:s + 64], False, None).to(self.device)).map(_to_cpu)
+                                      for s in range(0, len(val), 64)])
 
         opt = torch.optim.AdamW([
             {"params": model.head.parameters(), "lr": self.tc.lr},
@@ -265,6 +307,9 @@ class Trainer:
         Returns the state: ``stopper`` (``EarlyStopping`` fields; ``best_row`` is the history row of the weights
         loaded back into ``module``), ``stopped_early``, ``history``.
         """
+        module.to(self.device)
+        main = self.dist.is_main
+        scaler = self.precision.scaler
         steps_per_epoch = max(1, math.ceil(len(train) / self.tc.batch_size))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, self.tc.warmup_epochs * steps_per_epoch))
         stopper = early_stopping(self.tc)
@@ -293,28 +338,39 @@ class Trainer:
                 t0 = time.time()
                 module.train()
                 total, count = 0.0, 0
-                for x, idx in batches(epoch):
-                    out = module(*x) if isinstance(x, tuple) else module(x)
-                    loss = head.loss(out, train.labels[idx], train.lat[idx], train.lon[idx], self.ctx)
+                for x, idx, n_batch in batches(epoch):
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if len(idx):
+                        y, la, lo = (t[idx].to(self.device) for t in (train.labels, train.lat, train.lon))
+                        with self.precision.autocast():
+                            loss = head.loss(module(*x) if isinstance(x, tuple) else module(x), y, la, lo, self.train_ctx)
+                        # this rank's share of the global batch mean; the shares' gradients are summed over ranks
+                        scaler.scale(loss * (len(idx) / n_batch) if self.dist.enabled else loss).backward()
+                        total += loss.item() * len(idx)
+                        count += len(idx)
+                    D.all_reduce_grads(module.parameters(), self.dist)
+                    scaler.unscale_(opt)
                     if self.tc.grad_clip > 0:
                         nn.utils.clip_grad_norm_(module.parameters(), self.tc.grad_clip)
-                    opt.step()
+                    scaler.step(opt)
+                    scaler.update()
                     sched.step()
-                    total += loss.item() * len(idx)
-                    count += len(idx)
+                total, count = D.all_reduce_sum([total, count], self.dist)
+                D.broadcast_buffers(module, self.dist)
                 row = {"epoch": epoch, "phase": phase, "train_loss": total / max(count, 1), **self.val_metrics(head, evaluate(), val),
                        "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
+                row = D.broadcast_object(row, self.dist)  # one decision on every rank
                 state["history"].append(row)
                 if stopper.update(row):
                     state["best_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 state.update(epoch=epoch, stopper=dc.asdict(stopper))
-                save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
-                                                           "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
-                self.on_epoch(row)
+                if main:  # rank 0 writes
+                    save_checkpoint(self.ckpt_dir / "last.pt", {**state, "model": module.state_dict(), "optimizer": opt.state_dict(),
+                                                               "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()})
+                    self.on_epoch(row)
                 advance(1, description=f"train ({phase}) val median {metric('median_km').fmt(row['val_median_km'], unit=True)}")
         state["stopper"] = dc.asdict(stopper)
         if state["best_state"] is not None:
             module.load_state_dict(state["best_state"])
+        module.to("cpu")
         return state

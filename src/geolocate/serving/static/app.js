@@ -163,9 +163,19 @@ function showTable(r) {
   s.replaceChildren();
   s.append(el("div", { class: "big" }, `${r.place}`),
            el("div", {}, `prediction ${fmtLatLon(r.lat, r.lon)} · confidence ${(100 * r.confidence).toFixed(1)}%`));
+  if (r.ood) s.append(el("div", { class: "warn", role: "alert" }, `⚠ ${r.warning}`));
+  if (r.prediction_set && r.prediction_set.sentence) {
+    s.append(el("div", { class: "set" }, `${Math.round(100 * r.prediction_set.coverage)}% set: ${r.prediction_set.sentence}`));
+  }
+  if (r.regions && r.regions.length) {
+    s.append(el("div", { class: "regions" },
+      "regions: " + r.regions.map((g) => `${g.region} ${(100 * g.probability).toFixed(1)}%`).join(" · ")));
+  }
   if (r.error_km !== null && r.error_km !== undefined) {
     s.append(el("div", {}, `EXIF GPS ${fmtLatLon(r.true_lat, r.true_lon)} · error ${Math.round(r.error_km).toLocaleString()} km`));
   }
+  if (r.views && r.views.length > 1) s.append(el("div", { id: "views" }, `${r.views.length} views of one place, probabilities averaged`));
+  for (const d of r.dropped || []) s.append(el("div", { class: "dropped" }, `view dropped: ${d}`));
   s.append(el("div", { class: "card" }, `${r.engine} · ${r.elapsed_ms.toFixed(0)} ms`));
   s.hidden = false;
 }
@@ -182,18 +192,21 @@ function clearResult() {
   $("zoom-cells").disabled = true;
 }
 
-async function predict(file) {
+async function predict(fileList) {
+  // one photo, or up to 4 views of one place (the server says so if there are more)
+  const files = Array.from(fileList);
+  const label = files.length > 1 ? `${files.length} views (${files.map((f) => f.name).join(", ")})` : files[0].name;
   $("error").hidden = true;
   clearResult();
   document.body.dataset.state = "busy";
-  $("status").textContent = `predicting ${file.name}…`;
+  $("status").textContent = `predicting ${label}…`;
   const prev = $("preview");
   if (prev.src) URL.revokeObjectURL(prev.src);
-  prev.src = URL.createObjectURL(file);
+  prev.src = URL.createObjectURL(files[0]);
   prev.hidden = false;
   $("drop-text").hidden = true;
   const form = new FormData();
-  form.append("file", file, file.name);
+  for (const file of files) form.append("file", file, file.name);
   try {
     const res = await fetch("/predict?top_k=5", { method: "POST", body: form });
     const body = await res.json().catch(() => ({}));
@@ -203,13 +216,13 @@ async function predict(file) {
     showTable(body);
     $("zoom-cells").disabled = false;
     setView([-180, -90, 360, 180]);
-    $("status").textContent = `${file.name}: ${body.top.length} cells`;
+    $("status").textContent = `${label}: ${body.top.length} cells`;
     document.body.dataset.state = "done";
   } catch (e) {
     clearResult();
     setView([-180, -90, 360, 180]);
     $("status").textContent = "";
-    $("error").textContent = `Could not predict ${file.name}: ${e.message}`;
+    $("error").textContent = `Could not predict ${label}: ${e.message}`;
     $("error").hidden = false;
     document.body.dataset.state = "error";
   }
@@ -217,10 +230,10 @@ async function predict(file) {
 
 function wire() {
   const drop = $("drop"), input = $("file");
-  input.addEventListener("change", () => { if (input.files.length) predict(input.files[0]); });
+  input.addEventListener("change", () => { if (input.files.length) predict(input.files); });
   ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
   ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
-  drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) predict(e.dataTransfer.files[0]); });
+  drop.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) predict(e.dataTransfer.files); });
   drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
   $("zoom-world").addEventListener("click", () => setView([-180, -90, 360, 180]));
   $("zoom-cells").addEventListener("click", zoomToCells);
