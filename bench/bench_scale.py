@@ -99,6 +99,7 @@ def fit_one_epoch(root: Path, mode: str, batch_size: int, ckpt: Path, threads: i
     import torch
 
     from geolocate.config import Config
+    from geolocate.labels import LabelSpace
     from geolocate.models import CellHead
     from geolocate.training import Split, Trainer
 
@@ -116,8 +117,9 @@ def fit_one_epoch(root: Path, mode: str, batch_size: int, ckpt: Path, threads: i
     cfg.train.epochs, cfg.train.batch_size, cfg.train.warmup_epochs, cfg.train.device = 1, batch_size, 0, "cpu"
     torch.manual_seed(0)
     classes = len(meta["centres"])
-    head = CellHead(view.num_features, classes, dropout=0.0)
-    trainer = Trainer(cfg, meta["class_lat"], meta["class_lon"], np.bincount(meta["labels"][:n - VAL], minlength=classes), ckpt)
+    labels = LabelSpace.from_anchors(meta["class_lat"], meta["class_lon"])
+    head = CellHead(view.num_features, labels, dropout=0.0)
+    trainer = Trainer(cfg, labels, np.bincount(meta["labels"][:n - VAL], minlength=classes), ckpt)
     t0 = time.perf_counter()
     state = trainer.fit_head(head, train, val)
     return {k: v.clone() for k, v in head.state_dict().items()}, {

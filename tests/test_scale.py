@@ -191,6 +191,7 @@ def _tiny_problem(n=65, dim=16, classes=7, seed=0):
 
 def _fit(ckpt_dir: Path, precision: str = "fp32", feats_view: bool = False, **train):
     from geolocate.config import Config
+    from geolocate.labels import LabelSpace
     from geolocate.models import CellHead
     from geolocate.training import Trainer
 
@@ -203,8 +204,9 @@ def _fit(ckpt_dir: Path, precision: str = "fp32", feats_view: bool = False, **tr
     if feats_view:
         train_s.feats = FeatureView.of(train_s.feats.numpy())
     torch.manual_seed(0)
-    head = CellHead(16, 7, dropout=0.0)
-    trainer = Trainer(cfg, class_lat, class_lon, np.bincount(train_s.labels.numpy(), minlength=7), ckpt_dir)
+    labels = LabelSpace.from_anchors(class_lat, class_lon)
+    head = CellHead(16, labels, dropout=0.0)
+    trainer = Trainer(cfg, labels, np.bincount(train_s.labels.numpy(), minlength=7), ckpt_dir)
     state = trainer.fit_head(head, train_s, val)
     return head.state_dict(), state
 
