@@ -9,6 +9,7 @@ The demo pipeline (``configs/demo.yaml``) is built once; every variant trains on
 - ``hierarchical`` (res 0 -> res 1, joint p(parent)·p(cell | parent)), ``hierarchical_mask`` (cells outside the
   top 3 parents masked), ``offset`` (cell + in-cell offset regression), ``gps`` (cell + coordinate regression),
   ``hard_negatives`` (oversampling of confused cell pairs): each alone, answering with its own point;
+  ``offset_hard_negatives``: the offset head trained with hard negatives;
 - ``<variant>+refine``: that variant with refinement;
 - ``best``: per seed, the configuration with the lowest **validation** median among all of the above (test reported).
 
@@ -48,6 +49,7 @@ RUNS: dict[str, dict[str, object]] = {
     "offset": {"model.head": "offset"},
     "gps": {"model.head": "gps"},
     "hard_negatives": {"train.hard_negatives": 1.0},
+    "offset_hard_negatives": {"model.head": "offset", "train.hard_negatives": 1.0},  # the two best tools together
 }
 
 
