@@ -11,7 +11,13 @@ with ``configs/demo.yaml``'s recipe, per seed:
 - ``single_allviews``: every view as an image of its own for training and evaluation (4x the images, no fusion):
   separates "more pixels to train on" from "fusing at answer time";
 - ``fused4_average`` / ``fused4_attention`` (default), ``fused4_weighted`` / ``fused4_concat`` (``--variants``):
-  the four views fused before the head (``model.fusion``), trained and evaluated per sample.
+  the four views fused before the head (``model.fusion``), trained and evaluated per sample;
+- ``calibrated``: the ``fused4_average`` run with its ECE after temperature scaling (the training rows show ECE
+  before it); ``conformal90``: the same run's 90 % split-conformal cell sets (threshold on val, measured on test);
+- ``single_predicted``: the ``single`` model through the predictor (the shipped answer point); ``tta``: the same
+  with the aerial test-time views (the image + 5 north-up crops, ``geolocate.tta``); ``ensemble3``: three
+  ``single`` models (seeds s, s+1, s+2) averaged; ``sequence``: the ``single`` model answering once per Earth
+  sequence (sum of log-probabilities over its frames), scored on every frame.
 
 Every number is the run's own (``summary.json``: the answer point chosen on validation, ECE after temperature
 scaling fit on validation); test is only reported. Writes ``bench/results/inference_ablation.json``: ``rows`` of
@@ -69,26 +75,113 @@ class Workspace:
         return cfg
 
 
-def summary_rows(summary: dict) -> dict[str, dict]:
-    """A run's ``summary.json`` -> {split: row}: its shipped metrics and ECE after calibration."""
+def summary_rows(summary: dict, calibrated: bool = True) -> dict[str, dict]:
+    """A run's ``summary.json`` -> {split: row}: its shipped metrics and ECE after (or before) temperature scaling."""
     cal = summary.get("calibration") or {}
     out = {}
     for split in SPLITS:
         m = summary["metrics"][split]
         out[split] = {"n": m["n"], "median_km": m["median_km"], "p90_km": m["p90_km"], "geoscore": m["geoscore"],
-                      "ece": cal.get(f"{split}_ece_after")}
+                      "ece": cal.get(f"{split}_ece_{'after' if calibrated else 'before'}")}
     return out
+
+
+_RUNS: dict[tuple, Path] = {}
+
+
+def trained(ws: Workspace, seed: int, overrides: dict[str, object]) -> Path:
+    """The run directory of one training run (run once per workspace, seed and overrides; later rows reuse it)."""
+    from geolocate.runs.experiment import run_experiment
+
+    key = (str(ws.root), seed, json.dumps(overrides, sort_keys=True))
+    if key not in _RUNS:
+        _RUNS[key] = run_experiment(ws.config(seed, overrides))
+    return _RUNS[key]
 
 
 def run_rows(overrides: dict[str, object]) -> Callable[[Workspace, int], dict[str, dict]]:
     """A variant that is one training run with these config overrides."""
     def rows(ws: Workspace, seed: int) -> dict[str, dict]:
-        from geolocate.runs.experiment import run_experiment
-
-        run_dir = run_experiment(ws.config(seed, overrides))
-        return summary_rows(json.loads((run_dir / "summary.json").read_text()))
+        return summary_rows(json.loads((trained(ws, seed, overrides) / "summary.json").read_text()), calibrated=False)
     rows.overrides = overrides  # type: ignore[attr-defined]
     return rows
+
+
+SINGLE = {"model.views": ["N"]}
+FUSED = {"model.fusion": "average"}
+
+
+def calibrated_rows(ws: Workspace, seed: int) -> dict[str, dict]:
+    """The fused (average) run's numbers with ECE before (``fused4_average``) and after temperature scaling (here)."""
+    s = json.loads((trained(ws, seed, FUSED) / "summary.json").read_text())
+    return summary_rows(s)
+
+
+def conformal_rows(ws: Workspace, seed: int) -> dict[str, dict]:
+    """Split-conformal 90 % cell sets of the fused run: threshold fit on validation, coverage and size on test."""
+    s = json.loads((trained(ws, seed, FUSED) / "summary.json").read_text())
+    rows = summary_rows(s)
+    c = s["conformal"]["result"]
+    rows[s["conformal"]["split"]].update(coverage=c["coverage"], mean_set_cells=c["mean_cells"], mean_set_km2=c["mean_area_km2"])
+    return rows
+
+
+def _single_view_images(ws: Workspace, split: str) -> tuple[list[str], list[tuple[float, float]], list[str]]:
+    """(paths, true positions, sequence ids) of the N views of ``split``'s samples (what a one-photo model is given)."""
+    import polars as pl
+
+    from geolocate.index import load_index
+
+    df = load_index(ws.cfg)[0].filter((pl.col("split") == split) & (pl.col("view") == "N"))
+    paths = [str(Path(ws.cfg.paths.data_dir) / p) if not Path(p).is_absolute() else p for p in df["path"].to_list()]
+    return paths, list(zip(df["lat"].to_list(), df["lon"].to_list())), df["sequence_id"].to_list()
+
+
+def _errors_row(errors: list[float]) -> dict:
+    from geolocate.geo import geoscore
+
+    d = np.asarray(errors, np.float64)
+    return {"n": int(d.size), "median_km": float(np.median(d)), "p90_km": float(np.percentile(d, 90)), "geoscore": geoscore(d)}
+
+
+def _predict_rows(ws: Workspace, models: list[Path], tta: bool = False, sequence: bool = False) -> dict[str, dict]:
+    from geolocate.serving import Geolocator
+
+    geo = Geolocator.from_pretrained(models if len(models) > 1 else models[0], engine="auto")
+    geo.tta = tta
+    out = {}
+    for split in SPLITS:
+        paths, truths, seqs = _single_view_images(ws, split)
+        if sequence:
+            groups: dict[str, tuple[list, list]] = {}
+            for p, t, q in zip(paths, truths, seqs):
+                groups.setdefault(q, ([], []))[0].append(p)
+                groups[q][1].append(t)
+            got = geo.predict_sequences([(q, ps, ts) for q, (ps, ts) in groups.items()])
+            out[split] = _errors_row([e for sp in got for e in sp.frame_errors_km if e is not None])
+        else:
+            out[split] = _errors_row([p.error_km for p in geo.predict(paths, truths=truths) if p.error_km is not None])
+    return out
+
+
+def tta_rows(ws: Workspace, seed: int) -> dict[str, dict]:
+    """The ``single`` model (N views) answering from its aerial test-time views (north-up crops; ``geolocate.tta``)."""
+    return _predict_rows(ws, [trained(ws, seed, SINGLE) / "checkpoints" / "model.pt"], tta=True)
+
+
+def single_predicted_rows(ws: Workspace, seed: int) -> dict[str, dict]:
+    """The ``single`` model through the predictor, without TTA: the reference of ``tta``, ``ensemble3``, ``sequence``."""
+    return _predict_rows(ws, [trained(ws, seed, SINGLE) / "checkpoints" / "model.pt"])
+
+
+def ensemble_rows(ws: Workspace, seed: int) -> dict[str, dict]:
+    """Three ``single`` models (seeds ``seed``, +1, +2) averaged (``geolocate predict --model A --model B --model C``)."""
+    return _predict_rows(ws, [trained(ws, s, SINGLE) / "checkpoints" / "model.pt" for s in (seed, seed + 1, seed + 2)])
+
+
+def sequence_rows(ws: Workspace, seed: int) -> dict[str, dict]:
+    """The ``single`` model answering once per Earth sequence (sum of log-probabilities), scored on every frame."""
+    return _predict_rows(ws, [trained(ws, seed, SINGLE) / "checkpoints" / "model.pt"], sequence=True)
 
 
 # variant -> function(workspace, seed) -> {split: row}; add TTA / ensembles / conformal / sequence rows here
@@ -99,8 +192,15 @@ VARIANTS: dict[str, Callable[[Workspace, int], dict[str, dict]]] = {
     "fused4_attention": run_rows({"model.fusion": "attention"}),
     "fused4_weighted": run_rows({"model.fusion": "weighted"}),
     "fused4_concat": run_rows({"model.fusion": "concat"}),
+    "calibrated": calibrated_rows,
+    "conformal90": conformal_rows,
+    "single_predicted": single_predicted_rows,
+    "tta": tta_rows,
+    "ensemble3": ensemble_rows,
+    "sequence": sequence_rows,
 }
-DEFAULT = ["single", "single_allviews", "fused4_average", "fused4_attention"]
+DEFAULT = ["single", "single_allviews", "fused4_average", "fused4_attention", "calibrated", "conformal90",
+           "single_predicted", "tta", "ensemble3", "sequence"]
 
 
 def mean_std(values: list) -> str | None:
