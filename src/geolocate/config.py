@@ -110,6 +110,13 @@ class ModelConfig:
     levels: list[int] = dc.field(default_factory=list)  # coarser H3 levels of the label space (hierarchical head); [] = one level up
     hierarchy_mode: str = "joint"  # hierarchical head: "joint" p(parent)·p(cell | parent), or "mask" (cells outside the top parents get 0)
     mask_top: int = 3              # hierarchical "mask": parents kept
+    # location_encoder head (GeoCLIP-style; geolocate.models.location)
+    loc_dim: int = 128             # shared embedding size of images and locations
+    loc_scales: list[float] = dc.field(default_factory=lambda: [1.0, 4.0, 16.0])  # random-Fourier-feature scales (1 ~ 6,000 km waves)
+    loc_gallery_size: int = 4096   # training locations kept in the answer gallery (deduplicated, subsampled, seeded)
+    loc_grid_resolution: int = 2   # + centres of the land H3 cells at this resolution (-1 = none)
+    loc_train_gallery: int = 1024  # gallery points (besides the class anchors) per training step; 0 = all
+    loc_point_top: int = 5         # answer point: probability-weighted mean of this many best gallery points
 
 
 @dc.dataclass
@@ -130,6 +137,7 @@ class TrainConfig:
     class_weights: bool = False
     level_weight: float = 0.5     # hierarchical head: weight of each coarser level's cross-entropy
     reg_weight: float = 1.0       # offset / gps heads: weight of the haversine regression term
+    contrastive_weight: float = 1.0  # location_encoder head: weight of the image <-> GPS InfoNCE term
     hard_negatives: float = 0.0   # >0: oversample training images of the cell pairs the head confuses (strength)
     finetune_epochs: int = 0      # >0: unfreeze the backbone afterwards
     finetune_lr_mult: float = 0.1 # backbone LR = lr * mult during fine-tuning
@@ -242,8 +250,12 @@ class Config:
             (self.model.mask_top >= 1, f"model.mask_top must be >= 1, got {self.model.mask_top}"),
             (all(0 <= r < self.index.h3_resolution for r in self.model.levels),
              f"model.levels must be H3 resolutions below index.h3_resolution={self.index.h3_resolution}, got {self.model.levels}"),
-            (min(self.train.level_weight, self.train.reg_weight, self.train.hard_negatives) >= 0,
-             "train.level_weight, train.reg_weight and train.hard_negatives must be >= 0"),
+            (min(self.train.level_weight, self.train.reg_weight, self.train.hard_negatives, self.train.contrastive_weight) >= 0,
+             "train.level_weight, train.reg_weight, train.hard_negatives and train.contrastive_weight must be >= 0"),
+            (self.model.loc_scales and min(self.model.loc_scales) > 0 and min(self.model.loc_dim, self.model.loc_point_top) >= 1
+             and min(self.model.loc_gallery_size, self.model.loc_train_gallery) >= 0 and -1 <= self.model.loc_grid_resolution <= 4,
+             "model.loc_scales must be > 0, model.loc_dim and loc_point_top >= 1, loc_gallery_size and loc_train_gallery >= 0, "
+             "loc_grid_resolution in -1..4"),
             (self.train.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {self.train.loss!r}"),
             (self.eval.gate_metric in gates, f"eval.gate_metric must be one of {gates}, got {self.eval.gate_metric!r}"),
             (self.train.embed_engine in ("onnx", "torch"), f"train.embed_engine must be 'onnx' or 'torch', got {self.train.embed_engine!r}"),

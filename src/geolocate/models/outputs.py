@@ -2,7 +2,8 @@
 
 ``GeoOutput`` holds named tensors: ``logits[level]`` (``"cell"`` is the fine level; coarser levels are named
 after the label space's levels, e.g. ``"r0"``), the optional ``offset`` (B, C, 2) in km east/north of each class
-anchor, the optional ``coords`` (B, 2) lat/lon in degrees, and the pooled ``features`` it was computed from.
+anchor, the optional ``coords`` (B, 2) lat/lon in degrees, the pooled ``features`` it was computed from, and the
+optional ``embedding`` (B, d) of heads that align images with something else (``location_encoder``).
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ class GeoOutput:
     features: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     coords: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None  # (B, d) an image embedding a head's loss aligns with something (location_encoder)
 
     def take(self, rows) -> "GeoOutput":
         """The same outputs for ``rows`` (a slice or an index tensor) of the batch."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return GeoOutput({k: v[rows] for k, v in self.logits.items()}, pick(self.features), pick(self.offset), pick(self.coords))
+        return GeoOutput({k: v[rows] for k, v in self.logits.items()}, pick(self.features), pick(self.offset), pick(self.coords),
+                         pick(self.embedding))
 
 
 @dc.dataclass

@@ -121,6 +121,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
 
     trainer = Trainer(cfg, space, train_counts, run_dir / "checkpoints", on_epoch)
     head = create_head(cfg.model.head, backbone.num_features, space, **HEADS[cfg.model.head].config_kwargs(cfg))
+    head.prepare(train.lat.numpy(), train.lon.numpy())  # a gallery head's gallery (a no-op for the others)
     model = GeoModel(backbone, head)
     finetune_epochs = cfg.train.finetune_epochs if pretrained else max(cfg.train.finetune_epochs, cfg.train.epochs)
     state: dict = {}

@@ -144,7 +144,7 @@ class Trainer:
         self.class_lon = torch.as_tensor(self.labels.lon, dtype=torch.float64)
         cw = class_weights_from_counts(torch.as_tensor(train_counts)) if self.tc.class_weights else None
         self.ctx = LossContext(self.class_lat, self.class_lon, cw, self.tc.geo_tau_km, self.tc.geo_mix_ce, self.tc.loss,
-                               self.tc.level_weight, self.tc.reg_weight)
+                               self.tc.level_weight, self.tc.reg_weight, self.tc.contrastive_weight)
         self.ckpt_dir = Path(ckpt_dir)
         self.on_epoch = on_epoch or (lambda row: None)
 
