@@ -141,6 +141,10 @@ class TrainConfig:
     hard_negatives: float = 0.0   # >0: oversample training images of the cell pairs the head confuses (strength)
     finetune_epochs: int = 0      # >0: unfreeze the backbone afterwards
     finetune_lr_mult: float = 0.1 # backbone LR = lr * mult during fine-tuning
+    partial_blocks: int = 0       # >0: then train the backbone's last N blocks + head over cached trunk activations (CPU-sized)
+    partial_epochs: int = 10      # epochs of that phase (early stopping as the others)
+    partial_lr_mult: float = 0.1  # the tail's LR = lr * mult
+    partial_copies: int = 2       # augmented trunk activations per training image (geolocate.augment), besides the clean one
     augment: bool = True          # apply the `augment` section to fine-tuning batches
     embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
@@ -273,6 +277,11 @@ class Config:
             (min(self.train.patience, self.train.min_epochs, self.train.warmup_epochs, self.train.finetune_epochs) >= 0,
              f"train.patience, train.min_epochs, train.warmup_epochs and train.finetune_epochs must be >= 0, got "
              f"{self.train.patience}, {self.train.min_epochs}, {self.train.warmup_epochs}, {self.train.finetune_epochs}"),
+            (self.train.partial_blocks >= 0 and 0 <= self.train.partial_copies <= 16 and 1 <= self.train.partial_epochs <= MAX_EPOCHS
+             and math.isfinite(self.train.partial_lr_mult) and self.train.partial_lr_mult > 0,
+             f"train.partial_blocks must be >= 0, partial_copies in 0..16, partial_epochs in 1..{MAX_EPOCHS} and partial_lr_mult "
+             f"finite and > 0, got {self.train.partial_blocks}, {self.train.partial_copies}, {self.train.partial_epochs}, "
+             f"{self.train.partial_lr_mult}"),
             (self.index.min_cell_samples >= 0, f"index.min_cell_samples must be >= 0, got {self.index.min_cell_samples}"),
             (self.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.eval.knn_k}"),
             (self.eval.refine in ("auto", "always", "off"), f"eval.refine must be auto, always or off, got {self.eval.refine!r}"),

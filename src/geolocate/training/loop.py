@@ -2,7 +2,9 @@
 
 Phase ``frozen`` trains the head on cached backbone features (fast on CPU).
 Phase ``finetune`` (``train.finetune_epochs > 0``) unfreezes the backbone and
-trains on images with the backbone at ``lr * finetune_lr_mult``. Both use
+trains on images with the backbone at ``lr * finetune_lr_mult``. Phase ``partial``
+(``train.partial_blocks > 0``) trains only the backbone's last blocks + the head over
+cached trunk activations (``training.partial``), the tail at ``lr * partial_lr_mult``. Both use
 AdamW, linear warmup then cosine decay per step, gradient clipping, model
 selection and early stopping on one validation signal (``EarlyStopping``),
 and a full-state checkpoint after every epoch (``checkpoints/last.pt``) from
@@ -226,6 +228,38 @@ class Trainer:
         if resume is None and start and start.get("best") is not None:
             beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
         return self._run("finetune", epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
+
+    def fit_partial(self, model: nn.Module, train_acts, train: Split, val_acts, val: Split, epochs: int, tail_lr_mult: float,
+                    resume: dict | None = None, history: list | None = None, start: dict | None = None) -> dict:
+        """Train the backbone's tail + head (``training.partial.TailModel``) over cached trunk activations.
+
+        ``train_acts``/``val_acts``: ``training.partial.Rows`` aligned with ``train``/``val`` (labels, positions).
+        The tail learns at ``lr * tail_lr_mult``; as in fine-tuning, the model as it enters (``start``: the frozen
+        phase's stopper state) stays the one to beat."""
+        from .partial import tail_features
+
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+        def batches(epoch: int):
+            g = torch.Generator().manual_seed(self.tc.seed * 1000 + 700 + epoch)
+            perm = torch.randperm(len(train), generator=g)
+            for s in range(0, len(train), self.tc.batch_size):
+                idx = perm[s:s + self.tc.batch_size]
+                yield train_acts.take(idx.numpy()), idx
+
+        @torch.no_grad()
+        def evaluate():
+            return model.head(tail_features(model, val_acts))
+
+        opt = torch.optim.AdamW([
+            {"params": model.head.parameters(), "lr": self.tc.lr},
+            {"params": model.tail.parameters(), "lr": self.tc.lr * tail_lr_mult},
+        ], weight_decay=self.tc.weight_decay)
+        beat = None
+        if resume is None and start and start.get("best") is not None:
+            beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return self._run("partial", epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
 
     def _run(self, phase: str, epochs: int, module: nn.Module, head: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
              history: list | None = None, start: tuple[dict, dict] | None = None) -> dict:
