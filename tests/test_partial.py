@@ -99,3 +99,16 @@ def test_partial_finetune_trains_the_tail_into_the_model_file(trained_copy):
         p = model.decode(torch.from_numpy(model.preprocess.batch(df["path"].to_list()))).probabilities.numpy()
     assert (p.argmax(1) == df["pred_label"].to_numpy()).mean() >= 0.9
     assert np.abs(p.max(1) - df["prob"].to_numpy()).max() < 0.05
+
+
+def test_partial_settings_are_checked_in_one_line():
+    from geolocate.config import Config, ConfigError
+
+    cfg = Config()
+    cfg.train.partial_copies = 20
+    with pytest.raises(ConfigError, match="train.partial_blocks must be >= 0, partial_copies in 0..16"):
+        cfg.validate()
+    cfg = Config()
+    cfg.model.loc_scales = []
+    with pytest.raises(ConfigError, match="model.loc_scales must be > 0"):
+        cfg.validate()
