@@ -129,7 +129,7 @@ def test_dashboard_without_predictions_still_renders(two_runs, tmp_path):
 
 
 # ---- the summary schema (docs/summary_schema.md is the source of truth) ---------------------
-TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "null": type(None)}
+TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "null": type(None), "array": list}
 
 
 def _documented() -> dict[str, tuple[type, ...]]:
