@@ -14,15 +14,23 @@ again from its imagery the way the earth source cuts it, with one shift at a tim
 - ``heldout_rendering``: the same place in ``source.earth.heldout_imagery`` (ETOPO1 by default), a rendering
   no variant trains on (the earth source keeps it out of the index).
 
-Model, kNN (k=1 on the same embeddings of the shifted images) and prior are scored on each. Writes
+Two more variants: ``partial_finetune`` (after the frozen head, the last ``--partial-blocks`` backbone blocks +
+the head trained ``--partial-epochs`` epochs over cached trunk activations with ``--copies`` augmented copies per
+training image; shifted images go through the same frozen trunk, then each seed's trained tail) and
+``location_encoder`` (the GeoCLIP-style head, scored with its own answer point from its gallery).
+
+Model, kNN (k=1 on the same frozen embeddings of the shifted images, whatever the variant) and prior are scored
+on each. Writes
 ``bench/results/robustness.json`` with ``rows`` of ``{"variant", "predictor", "seed", "shift", "split", "n",
 "median_km", "top1_acc", "geoscore"}`` and a ``summary`` of mean ± std over seeds.
 
-    python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--copies 2] [--config configs/demo.yaml]
+    python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--copies 2] [--partial-blocks 1] [--partial-epochs 4]
+                                     [--variants frozen_linear augmented partial_finetune location_encoder] [--config configs/demo.yaml]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import itertools
 import json
@@ -44,9 +52,24 @@ from _workspace import build_earth, workspace_config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "robustness.json"
-def variants(copies: int) -> dict[str, int]:
-    """variant -> its augment.copies."""
-    return {"frozen_linear": 0, "augmented": copies}
+def variants(copies: int, partial_blocks: int = 1, partial_epochs: int = 4) -> dict[str, dict[str, object]]:
+    """variant -> its config overrides (every other key: the config's)."""
+    return {
+        "frozen_linear": {"augment.copies": 0},
+        "augmented": {"augment.copies": copies},
+        # the last ``partial_blocks`` backbone blocks + the linear head over cached trunk activations, ``copies``
+        # augmented copies of every training image (the frozen head is trained first, on the clean embeddings)
+        "partial_finetune": {"augment.copies": 0, "train.partial_blocks": partial_blocks, "train.partial_epochs": partial_epochs,
+                             "train.partial_copies": copies},
+        # the GeoCLIP-style head on the frozen embeddings (no augmented copies)
+        "location_encoder": {"augment.copies": 0, "model.head": "location_encoder"},
+    }
+
+
+def apply(cfg, overrides: dict) -> None:
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
 
 
 SHIFTS = ("none", "brightness_1.1", "brightness_0.9", "blur_1", "half_resolution", "heldout_rendering")
@@ -77,11 +100,47 @@ def imagery_of(credit: str) -> str:
     return next(k for k, v in IMAGERY_CREDIT.items() if v == credit)
 
 
+def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all: float) -> dict:
+    """The results file from the rows so far (written after every run, so an interrupted bench keeps its runs)."""
+    summary = []
+    for variant, predictor, split, shift in itertools.product(chosen, ("model", "knn", "prior"), ("val", "test"), SHIFTS):
+        sel = [r for r in rows if r["variant"] == variant and r["predictor"] == predictor and r["split"] == split
+               and r["shift"] == shift]
+        if not sel:
+            continue
+        med = np.array([r["median_km"] for r in sel])
+        top1 = np.array([r["top1_acc"] for r in sel])
+        gs = np.array([r["geoscore"] for r in sel])
+        summary.append({"variant": variant, "predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"],
+                        "median_km": f"{med.mean():,.0f} ± {med.std():,.0f}",
+                        "top1": f"{100 * top1.mean():.1f} ± {100 * top1.std():.1f} %",
+                        "geoscore": f"{gs.mean():,.0f} ± {gs.std():,.0f}"})
+    result = {
+        "benchmark": "robustness",
+        "what": f"{args.config.name} at {args.count} Earth patches, seeds {args.seeds}; variants: frozen_linear (frozen backbone + "
+                f"linear head, augment.copies=0), augmented (augment.copies={args.copies}, the config's strengths), partial_finetune "
+                f"(then the last {args.partial_blocks} backbone block(s) + head for {args.partial_epochs} epochs over cached trunk "
+                f"activations with {args.copies} augmented copies), location_encoder (GeoCLIP-style head on the frozen embeddings, "
+                f"answer = its gallery point); val/test images re-cut under each shift, heldout_rendering = "
+                f"{base.source.earth.heldout_imagery}; kNN always on the frozen embeddings; mean ± std over seeds",
+        "variants": {k: v for k, v in chosen.items()},
+        "augment": {k: v for k, v in base.to_dict()["augment"].items() if k != "copies"} | {"copies": args.copies},
+        "run_s": {v: [round(t, 1) for t in ts] for v, ts in run_s.items()},  # per seed; the first of a variant pays its embeddings
+        "total_s": round(time.perf_counter() - t_all, 1),
+        "summary": summary,
+        "rows": rows,
+    }
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=6000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--copies", type=int, default=2, help="augment.copies of the `augmented` variant")
+    ap.add_argument("--copies", type=int, default=2, help="augmented copies of the `augmented` and `partial_finetune` variants")
+    ap.add_argument("--partial-blocks", type=int, default=1, help="train.partial_blocks of the `partial_finetune` variant")
+    ap.add_argument("--partial-epochs", type=int, default=4, help="train.partial_epochs of the `partial_finetune` variant")
+    ap.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (default: all)")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -93,10 +152,17 @@ def main(argv: list[str] | None = None) -> dict:
     from geolocate.models import create_backbone, load_model
     from geolocate.runs.experiment import run_experiment
     from geolocate.training.embeddings import cached_embeddings, embed_paths
+    from geolocate.training.partial import TailModel, cached_activations, tail_features
 
     t_all = time.perf_counter()
     rows = []
-    run_s: dict[str, list[float]] = {v: [] for v in variants(args.copies)}
+    chosen = variants(args.copies, args.partial_blocks, args.partial_epochs)
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(chosen))
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in args.variants}
+    run_s: dict[str, list[float]] = {v: [] for v in chosen}
     with tempfile.TemporaryDirectory(prefix="bench-robustness-") as tmp_s:
         tmp = Path(tmp_s)
         cfg = workspace_config(args.config, tmp, args.count)
@@ -115,8 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
         tr_mask = (df["split"] == "train").to_numpy()
         tr_feats, tr_y = feats[tr_mask], train["label"].to_numpy()
 
-        # the shifted images of val/test, cut once and embedded once (shared by every seed)
+        # the shifted images of val/test, cut once and embedded once (shared by every seed); with partial_finetune
+        # also their trunk activations once (the trunk is frozen), which each seed's trained tail then reads
         shifted: dict[tuple[str, str], np.ndarray] = {}
+        shifted_acts: dict[tuple[str, str], np.ndarray] = {}
+        trunk = None
+        if "partial_finetune" in chosen:
+            trunk, _ = backbone.partial_split(args.partial_blocks)
         for split in ("val", "test"):
             part = df.filter(pl.col("split") == split)
             for shift in SHIFTS:
@@ -130,23 +201,42 @@ def main(argv: list[str] | None = None) -> dict:
                 f, okm = embed_paths(backbone, paths, desc=f"embedding {split} {shift}", onnx_cache=cache / "onnx")
                 assert okm.all()
                 shifted[(split, shift)] = f
+                if trunk is not None:
+                    a, oka = cached_activations(trunk, backbone.preprocess, paths, Path(cfg.paths.data_dir) / "cache" / "activations",
+                                                f"shifted-{split}-{shift}-trunk{args.partial_blocks}")
+                    assert oka.all()
+                    shifted_acts[(split, shift)] = a
             print(f"cut and embedded {split}: {part.height} places x {len(SHIFTS)} shifts", flush=True)
 
-        for (variant, copies), seed in itertools.product(variants(args.copies).items(), args.seeds):
-            cfg.train.seed, cfg.augment.copies = seed, copies
+        base = copy.deepcopy(cfg)
+        for (variant, overrides), seed in itertools.product(chosen.items(), args.seeds):
+            cfg = copy.deepcopy(base)
+            apply(cfg, overrides)
+            cfg.train.seed = seed
+            cfg.validate()
             t_run = time.perf_counter()
             run_dir = run_experiment(cfg)
             run_s[variant].append(time.perf_counter() - t_run)
             model, _ = load_model(run_dir / "checkpoints" / "model.pt")
+            model.eval()
             for split in ("val", "test"):
                 part = df.filter(pl.col("split") == split)
                 y, la, lo = part["label"].to_numpy(), part["lat"].to_numpy(), part["lon"].to_numpy()
                 for shift in SHIFTS:
                     x = shifted[(split, shift)]
                     with torch.inference_mode():
-                        probs = model.head.probabilities(torch.from_numpy(x)).numpy()
+                        if variant == "partial_finetune":  # the trained tail over the frozen trunk's activations
+                            _, tail = model.backbone.partial_split(args.partial_blocks)
+                            feats_x = tail_features(TailModel(tail, model.head), shifted_acts[(split, shift)])
+                        else:
+                            feats_x = torch.from_numpy(x)
+                        dec = model.head.decode(model.head(feats_x))
+                    probs = dec.probabilities.double().numpy()
                     pred = probs.argmax(1)
-                    results = {"model": evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred], countries=False)}
+                    # the head's answer point (location_encoder: its gallery), else the top class's anchor
+                    pt = (dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy()) if dec.point is not None \
+                        else (class_lat[pred], class_lon[pred])
+                    results = {"model": evaluate(probs, y, la, lo, *pt, countries=False)}
                     sc, pla, plo = knn_predict(tr_feats, tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)
                     results["knn"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
                     sc, pla, plo = prior_predict(tr_y, n_cls, len(y), class_lat, class_lon)
@@ -155,33 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
                         rows.append({"variant": variant, "predictor": predictor, "seed": seed, "shift": shift,
                                      "split": split, "n": int(m["n"]), "median_km": round(m["median_km"], 1),
                                      "top1_acc": round(m["top1_acc"], 4), "geoscore": round(m["geoscore"], 1)})
+            write_json(args.out, build_result(args, rows, chosen, base, run_s, t_all) | {"complete": False})
             print(f"{variant} seed {seed}: test median {json.loads((run_dir / 'summary.json').read_text())['metrics']['test']['median_km']:.0f} km", flush=True)
 
-    summary = []
-    for variant, predictor, split, shift in itertools.product(variants(args.copies), ("model", "knn", "prior"), ("val", "test"), SHIFTS):
-        sel = [r for r in rows if r["variant"] == variant and r["predictor"] == predictor and r["split"] == split
-               and r["shift"] == shift]
-        med = np.array([r["median_km"] for r in sel])
-        top1 = np.array([r["top1_acc"] for r in sel])
-        gs = np.array([r["geoscore"] for r in sel])
-        summary.append({"variant": variant, "predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"],
-                        "median_km": f"{med.mean():,.0f} ± {med.std():,.0f}",
-                        "top1": f"{100 * top1.mean():.1f} ± {100 * top1.std():.1f} %",
-                        "geoscore": f"{gs.mean():,.0f} ± {gs.std():,.0f}"})
-    result = {
-        "benchmark": "robustness",
-        "what": f"{args.config.name} at {args.count} Earth patches, frozen backbone + linear head, seeds {args.seeds}; variants "
-                f"frozen_linear (augment.copies=0) and augmented (augment.copies={args.copies}, the config's strengths); val/test "
-                f"images re-cut under each shift, heldout_rendering = {cfg.source.earth.heldout_imagery}; mean ± std over seeds",
-        "augment": {k: v for k, v in cfg.to_dict()["augment"].items() if k != "copies"} | {"copies": args.copies},
-        "run_s": {v: [round(t, 1) for t in ts] for v, ts in run_s.items()},  # per seed; the first of a variant pays its embeddings
-        "total_s": round(time.perf_counter() - t_all, 1),
-        "summary": summary,
-        "rows": rows,
-    }
+    result = build_result(args, rows, chosen, base, run_s, t_all) | {"complete": True}
     write_json(args.out, result)
     print("\n| variant | predictor | split | shift | median km | top-1 | GeoScore |\n|---|---|---|---|---:|---:|---:|")
-    for s in summary:
+    for s in result["summary"]:
         if s["predictor"] != "prior" or s["shift"] == "none":
             print(f"| {s['variant']} | {s['predictor']} | {s['split']} | {s['shift']} | {s['median_km']} | {s['top1']} | {s['geoscore']} |")
     return result

@@ -62,7 +62,7 @@ def test_a_merged_coarser_class_is_its_own_parent():
 
 
 def test_unknown_head_lists_the_registered_ones():
-    with pytest.raises(KeyError, match="unknown head 'nope': choose one of gps, hierarchical, linear, offset"):
+    with pytest.raises(KeyError, match="unknown head 'nope': choose one of gps, hierarchical, linear, location_encoder, offset"):
         create_head("nope", 8, space())
     cfg = Config()
     cfg.model.head = "nope"
@@ -152,7 +152,7 @@ def test_gps_head_outputs_are_always_valid_coordinates():
     assert pt[:, 0].abs().max() <= 90 and pt[:, 1].abs().max() <= 180 and torch.isfinite(pt).all()
 
 
-@pytest.mark.parametrize("name", ["linear", "hierarchical", "offset", "gps"])
+@pytest.mark.parametrize("name", ["linear", "hierarchical", "offset", "gps", "location_encoder"])
 def test_each_head_learns_its_targets(name):
     """A few hundred steps on separable features: loss falls, top-1 is right, and point heads beat the anchor."""
     ls = space()
@@ -166,6 +166,7 @@ def test_each_head_learns_its_targets(name):
                    ((lon - torch.as_tensor(ls.lon)[y]) / 0.2)[:, None].float()], 1)
     torch.manual_seed(0)
     head = create_head(name, x.shape[1], ls, dropout=0.0)
+    head.prepare(lat.numpy(), lon.numpy())  # the gallery of a gallery head (a no-op for the others)
     opt = torch.optim.Adam(head.parameters(), lr=0.05)
     c = ctx(ls, "ce")
     first = None
@@ -215,7 +216,8 @@ def test_registry_every_backbone_and_head_through_file_and_onnx(backbone, name, 
     out = model(x)
     loss = head.loss(out, torch.tensor([0, 5, 9]), torch.tensor([55.0, 55.5, -1.0]), torch.tensor([13.0, 13.1, 36.0]), ctx(ls))
     loss.backward()
-    assert torch.isfinite(loss) and head.fc.weight.grad is not None and head.fc.weight.grad.abs().sum() > 0
+    grads = [p.grad for p in head.parameters()]
+    assert torch.isfinite(loss) and all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     model.eval()
     path = save_model(tmp_path / "m.pt", model, backbone, ls, backbone_trained=backbone != "efficientnet_lite0")
     loaded, info = load_model(path)

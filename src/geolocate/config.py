@@ -115,6 +115,13 @@ class ModelConfig:
     fusion: str = "none"           # "none": one index row is one sample; a registered fusion (average, concat, attention,
                                    # weighted: geolocate.models.fusion) makes the views of a group_id one sample
     views: list[str] = dc.field(default_factory=list)  # views used (rows of other views left out), in slot order; [] = all present
+    # location_encoder head (GeoCLIP-style; geolocate.models.location)
+    loc_dim: int = 128             # shared embedding size of images and locations
+    loc_scales: list[float] = dc.field(default_factory=lambda: [1.0, 4.0, 16.0])  # random-Fourier-feature scales (1 ~ 6,000 km waves)
+    loc_gallery_size: int = 4096   # training locations kept in the answer gallery (deduplicated, subsampled, seeded)
+    loc_grid_resolution: int = 2   # + centres of the land H3 cells at this resolution (-1 = none)
+    loc_train_gallery: int = 1024  # gallery points (besides the class anchors) per training step; 0 = all
+    loc_point_top: int = 5         # answer point: probability-weighted mean of this many best gallery points
 
 
 @dc.dataclass
@@ -135,9 +142,14 @@ class TrainConfig:
     class_weights: bool = False
     level_weight: float = 0.5     # hierarchical head: weight of each coarser level's cross-entropy
     reg_weight: float = 1.0       # offset / gps heads: weight of the haversine regression term
+    contrastive_weight: float = 1.0  # location_encoder head: weight of the image <-> GPS InfoNCE term
     hard_negatives: float = 0.0   # >0: oversample training images of the cell pairs the head confuses (strength)
     finetune_epochs: int = 0      # >0: unfreeze the backbone afterwards
     finetune_lr_mult: float = 0.1 # backbone LR = lr * mult during fine-tuning
+    partial_blocks: int = 0       # >0: then train the backbone's last N blocks + head over cached trunk activations (CPU-sized)
+    partial_epochs: int = 10      # epochs of that phase (early stopping as the others)
+    partial_lr_mult: float = 0.1  # the tail's LR = lr * mult
+    partial_copies: int = 2       # augmented trunk activations per training image (geolocate.augment), besides the clean one
     augment: bool = True          # apply the `augment` section to fine-tuning batches
     embed_engine: str = "onnx"    # frozen-backbone embeddings via "onnx" (ONNX Runtime, fast) or "torch"
     seed: int = 0
@@ -256,12 +268,18 @@ class Config:
              f"model.fusion must be 'none' or one of {sorted(FUSIONS)}, got {self.model.fusion!r}"),
             (self.model.fusion == "none" or (self.train.finetune_epochs == 0 and self.augment.copies == 0),
              "model.fusion trains over cached embeddings only: set train.finetune_epochs: 0 and augment.copies: 0"),
+            (self.model.fusion == "none" or self.train.partial_blocks == 0,
+             "model.fusion and train.partial_blocks do not combine yet: set one of them off"),
             (len(set(self.model.views)) == len(self.model.views) and all(self.model.views),
              f"model.views must name distinct, non-empty views, got {self.model.views}"),
             (all(0 <= r < self.index.h3_resolution for r in self.model.levels),
              f"model.levels must be H3 resolutions below index.h3_resolution={self.index.h3_resolution}, got {self.model.levels}"),
-            (min(self.train.level_weight, self.train.reg_weight, self.train.hard_negatives) >= 0,
-             "train.level_weight, train.reg_weight and train.hard_negatives must be >= 0"),
+            (min(self.train.level_weight, self.train.reg_weight, self.train.hard_negatives, self.train.contrastive_weight) >= 0,
+             "train.level_weight, train.reg_weight, train.hard_negatives and train.contrastive_weight must be >= 0"),
+            (self.model.loc_scales and min(self.model.loc_scales) > 0 and min(self.model.loc_dim, self.model.loc_point_top) >= 1
+             and min(self.model.loc_gallery_size, self.model.loc_train_gallery) >= 0 and -1 <= self.model.loc_grid_resolution <= 4,
+             "model.loc_scales must be > 0, model.loc_dim and loc_point_top >= 1, loc_gallery_size and loc_train_gallery >= 0, "
+             "loc_grid_resolution in -1..4"),
             (self.train.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {self.train.loss!r}"),
             (self.eval.gate_metric in gates, f"eval.gate_metric must be one of {gates}, got {self.eval.gate_metric!r}"),
             (self.train.embed_engine in ("onnx", "torch"), f"train.embed_engine must be 'onnx' or 'torch', got {self.train.embed_engine!r}"),
@@ -279,6 +297,11 @@ class Config:
             (min(self.train.patience, self.train.min_epochs, self.train.warmup_epochs, self.train.finetune_epochs) >= 0,
              f"train.patience, train.min_epochs, train.warmup_epochs and train.finetune_epochs must be >= 0, got "
              f"{self.train.patience}, {self.train.min_epochs}, {self.train.warmup_epochs}, {self.train.finetune_epochs}"),
+            (self.train.partial_blocks >= 0 and 0 <= self.train.partial_copies <= 16 and 1 <= self.train.partial_epochs <= MAX_EPOCHS
+             and math.isfinite(self.train.partial_lr_mult) and self.train.partial_lr_mult > 0,
+             f"train.partial_blocks must be >= 0, partial_copies in 0..16, partial_epochs in 1..{MAX_EPOCHS} and partial_lr_mult "
+             f"finite and > 0, got {self.train.partial_blocks}, {self.train.partial_copies}, {self.train.partial_epochs}, "
+             f"{self.train.partial_lr_mult}"),
             (self.index.min_cell_samples >= 0, f"index.min_cell_samples must be >= 0, got {self.index.min_cell_samples}"),
             (self.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.eval.knn_k}"),
             (0 < self.eval.conformal_coverage <= 1, f"eval.conformal_coverage must be in (0, 1], got {self.eval.conformal_coverage}"),

@@ -26,7 +26,10 @@ from ..preprocess import Preprocess
 
 
 class Backbone(nn.Module):
-    """Features extractor: ``forward(x) -> (B, num_features)``."""
+    """Features extractor: ``forward(x) -> (B, num_features)``.
+
+    A backbone that supports partial fine-tuning also has ``partial_split(n) -> (trunk, tail)``: two modules
+    sharing its weights with ``tail(trunk(x)) == forward(x)``, the tail being its last ``n`` blocks."""
     name: str
     num_features: int
     preprocess: Preprocess
@@ -65,6 +68,51 @@ class EfficientNetLite(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.net._blocks)
+
+    def partial_split(self, tail_blocks: int) -> tuple[nn.Module, nn.Module]:
+        """(trunk, tail) sharing this backbone's modules: ``tail(trunk(x)) == self(x)``; the tail is the last
+        ``tail_blocks`` MBConv blocks + the head convolution and pooling (what partial fine-tuning trains)."""
+        n = len(self.net._blocks)
+        if not 1 <= tail_blocks < n:
+            raise ValueError(f"{self.name}: train.partial_blocks must be in 1..{n - 1}, got {tail_blocks}")
+        return _EffTrunk(self.net, n - tail_blocks), _EffTail(self.net, n - tail_blocks)
+
+
+def _drop_rate(net, idx: int) -> float:
+    """The drop-connect rate ``extract_features`` gives block ``idx``."""
+    rate = net._global_params.drop_connect_rate
+    return rate * float(idx) / len(net._blocks) if rate else rate
+
+
+class _EffTrunk(nn.Module):
+    def __init__(self, net, first_tail: int):
+        super().__init__()
+        self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
+        self.blocks = nn.ModuleList(net._blocks[:first_tail])
+        self._rates = [_drop_rate(net, i) for i in range(first_tail)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn0(self.stem(x)))
+        for block, rate in zip(self.blocks, self._rates):
+            x = block(x, drop_connect_rate=rate)
+        return x
+
+
+class _EffTail(nn.Module):
+    def __init__(self, net, first_tail: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(net._blocks[first_tail:])
+        self._rates = [_drop_rate(net, i) for i in range(first_tail, len(net._blocks))]
+        self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, rate in zip(self.blocks, self._rates):
+            x = block(x, drop_connect_rate=rate)
+        return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
 
 class SmallCNN(Backbone):
     """Five conv blocks and global pooling; trained from scratch."""
@@ -79,6 +127,27 @@ class SmallCNN(Backbone):
         self.name = "small_cnn"
         self.num_features = chans[-1]
         self.preprocess = Preprocess(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.body) // 3
+
+    def partial_split(self, tail_blocks: int) -> tuple[nn.Module, nn.Module]:
+        """(trunk, tail): the last ``tail_blocks`` conv blocks + pooling are the tail."""
+        n = self.num_blocks
+        if not 1 <= tail_blocks < n:
+            raise ValueError(f"{self.name}: train.partial_blocks must be in 1..{n - 1}, got {tail_blocks}")
+        cut = 3 * (n - tail_blocks)
+        return self.body[:cut], _Pooled(self.body[cut:])
+
+
+class _Pooled(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).mean(dim=(2, 3))

@@ -7,8 +7,8 @@ the answer point). The one decode serves validation in the training loop, evalua
 and the ONNX/TorchScript exports (:meth:`Head.export_outputs`).
 
 ``ctx`` is the training loss context (``geolocate.training.losses.LossContext``): ``ctx.cell_loss(log_probs,
-labels, lat, lon)`` is the configured classification loss (ce or haversine-smoothed geo), ``ctx.level_weight``
-and ``ctx.reg_weight`` weight the extra terms.
+labels, lat, lon)`` is the configured classification loss (ce or haversine-smoothed geo), ``ctx.level_weight``,
+``ctx.reg_weight`` and ``ctx.contrastive_weight`` weight the extra terms.
 
 Every head holds a ``temperature`` buffer (1 until calibration sets it): probabilities are
 ``softmax(log_probs / T)``, so calibration never changes the ranking.
@@ -78,6 +78,9 @@ class Head(nn.Module):
 
     def point(self, out: GeoOutput, log_probs: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    def prepare(self, lat, lon) -> None:
+        """Called once with the training split's true locations before training (a gallery head builds its gallery)."""
 
     def decode(self, out: GeoOutput) -> Decoded:
         lp = self.log_probs(out)
@@ -324,3 +327,6 @@ class GeoModel(nn.Module):
     def decode(self, x: torch.Tensor, view_mask: torch.Tensor | None = None) -> Decoded:
         """Images -> the head's decode (calibrated probabilities, answer point)."""
         return self.head.decode(self(x, view_mask))
+
+
+from . import location  # noqa: E402,F401 - registers "location_encoder" (it builds on Head)

@@ -2,7 +2,8 @@
 
 ``GeoOutput`` holds named tensors: ``logits[level]`` (``"cell"`` is the fine level; coarser levels are named
 after the label space's levels, e.g. ``"r0"``), the optional ``offset`` (B, C, 2) in km east/north of each class
-anchor, the optional ``coords`` (B, 2) lat/lon in degrees, and the pooled ``features`` it was computed from.
+anchor, the optional ``coords`` (B, 2) lat/lon in degrees, the pooled ``features`` it was computed from, and the
+optional ``embedding`` (B, d) of heads that align images with something else (``location_encoder``).
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ class GeoOutput:
     features: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     coords: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None  # (B, d) an image embedding a head's loss aligns with something (location_encoder)
 
     def map(self, fn) -> "GeoOutput":
         """The same outputs with ``fn`` applied to every tensor (e.g. ``lambda t: t.float().cpu()``)."""
         f = lambda t: None if t is None else fn(t)  # noqa: E731
-        return GeoOutput({k: fn(v) for k, v in self.logits.items()}, f(self.features), f(self.offset), f(self.coords))
+        return GeoOutput({k: fn(v) for k, v in self.logits.items()}, f(self.features), f(self.offset), f(self.coords),
+                         f(self.embedding))
 
     @staticmethod
     def cat(outs: list["GeoOutput"]) -> "GeoOutput":
@@ -32,12 +35,13 @@ class GeoOutput:
         first = outs[0]
         c = lambda get: None if get(first) is None else torch.cat([get(o) for o in outs])  # noqa: E731
         return GeoOutput({k: torch.cat([o.logits[k] for o in outs]) for k in first.logits}, c(lambda o: o.features),
-                         c(lambda o: o.offset), c(lambda o: o.coords))
+                         c(lambda o: o.offset), c(lambda o: o.coords), c(lambda o: o.embedding))
 
     def take(self, rows) -> "GeoOutput":
         """The same outputs for ``rows`` (a slice or an index tensor) of the batch."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return GeoOutput({k: v[rows] for k, v in self.logits.items()}, pick(self.features), pick(self.offset), pick(self.coords))
+        return GeoOutput({k: v[rows] for k, v in self.logits.items()}, pick(self.features), pick(self.offset), pick(self.coords),
+                         pick(self.embedding))
 
 
 

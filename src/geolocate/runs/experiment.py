@@ -164,19 +164,21 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
             fusion = create_fusion(cfg.model.fusion, backbone.num_features, samples.slots, **FUSIONS[cfg.model.fusion].config_kwargs(cfg))
     head_in = fusion.out_features if fusion is not None else backbone.num_features
     head = create_head(cfg.model.head, head_in, space, **HEADS[cfg.model.head].config_kwargs(cfg))
+    head.prepare(train.lat.numpy(), train.lon.numpy())  # a gallery head's gallery (a no-op for the others)
     model = GeoModel(backbone, head, fusion)
     finetune_epochs = cfg.train.finetune_epochs if pretrained else max(cfg.train.finetune_epochs, cfg.train.epochs)
     state: dict = {}
     augment = augment_for(cfg, stats.get("sources", {}))  # training only: copies of the train split's embeddings, fine-tuning batches
-    if pretrained and not (resume_state and resume_state["phase"] == "finetune"):
+    resumed_phase = resume_state["phase"] if resume_state else None
+    if pretrained and resumed_phase not in ("finetune", "partial"):
         fit_train = D.main_first(env, lambda: with_augmented_copies(train, backbone, frame["id"].to_numpy()[mtr].tolist(), train.paths,
                                                                     cache_dir, augment, cfg.augment.copies, cfg.train.embed_engine))
         state = trainer.fit_head(head, fit_train, val, resume_state, fusion=fusion)
         history[:] = state["history"]
-    if fusion is not None:  # from here on every split is its fused features: what the trained head reads
-        fusion.eval()
-        for s in (train, val, test):
-            s.feats, s.view_mask = fused_features(fusion, s), None
+    if pretrained and cfg.train.partial_blocks > 0:  # (config: not with a fusion)
+        state = run_partial(cfg, trainer, backbone, head, frame, (train, mtr), (val, mva), (test, mte), augment,
+                            resume_state if resumed_phase == "partial" else None, state)
+        history[:] = state["history"]
     if finetune_epochs > 0:
         state = trainer.fit_finetune(model, train, val, lambda m, p, aug, g: image_batch(m.preprocess, p, augment if aug else None, g),
                                      epochs=finetune_epochs, backbone_lr_mult=cfg.train.finetune_lr_mult if pretrained else 1.0,
@@ -249,7 +251,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                     "prior": test_rows["prior_error_km"].to_numpy()}, plots / "geo_error_cdf.png")
         A.plot_confusion(test_rows["label"].to_numpy(), test_rows["pred_label"].to_numpy(), names, plots / "confusion_matrix.png")
     model_path = run_dir / "checkpoints" / "model.pt"
-    backbone_trained = finetune_epochs > 0
+    backbone_trained = finetune_epochs > 0 or partial
     meta = {"run_id": run_id, "metrics": {"test": metrics["test"], "val": metrics["val"]}, "dataset_fingerprint": stats["fingerprint"],
             "sources": stats.get("sources", {}), "images": stats["images"],
             "best_val_loss": ((state.get("stopper") or {}).get("best_row") or {}).get("val_loss")}  # ensembles weigh members by it
@@ -288,6 +290,9 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                    "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "threads": torch.get_num_threads(),
                    "monitor": cfg.train.monitor, "monitor_ema": cfg.train.monitor_ema, "patience": cfg.train.patience,
                    "min_epochs": cfg.train.min_epochs, "knn_k": cfg.eval.knn_k,
+                   "partial_blocks": cfg.train.partial_blocks if partial else 0,
+                   "partial_epochs": cfg.train.partial_epochs if partial else 0,
+                   "partial_lr_mult": cfg.train.partial_lr_mult, "partial_copies": cfg.train.partial_copies if partial else 0,
                    "h3_resolution": cfg.index.h3_resolution, "min_cell_samples": cfg.index.min_cell_samples},
         "training": {"epochs_run": len(history), "best_epoch": best_row.get("epoch"), "best_phase": best_row.get("phase"),
                      "best_val_median_km": best_row.get("val_median_km"), "best_val_acc": best_row.get("val_top1"),
@@ -311,6 +316,68 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     log_run_safely(trk, run_dir)
     A.link_latest(runs_dir if not resume else run_dir.parent, run_dir)
     return run_dir
+
+
+def run_partial(cfg, trainer: Trainer, backbone, head, df: pl.DataFrame, train_m, val_m, test_m, augment, resume, state: dict) -> dict:
+    """The ``partial`` phase: trunk activations cached once (clean for every image, ``train.partial_copies``
+    augmented copies of the training images), the tail + head trained over them, then every split's features
+    recomputed through the trained tail (evaluation, calibration, kNN and refinement read those)."""
+    from ..training.partial import Rows, TailModel, cached_activations, tail_features
+
+    if not hasattr(backbone, "partial_split"):
+        raise ValueError(f"train.partial_blocks: backbone {cfg.model.backbone!r} has no partial_split (use efficientnet_lite0)")
+    trunk, tail = backbone.partial_split(cfg.train.partial_blocks)
+    cache_dir = Path(cfg.paths.data_dir) / "cache" / "activations"
+    name = f"{backbone.cache_name}-trunk{cfg.train.partial_blocks}"
+    paths = df["path"].to_list()
+    acts, ok = cached_activations(trunk, backbone.preprocess, paths, cache_dir, name)
+    if not ok.all():  # the frozen embeddings already left unreadable images out: a file that changed since
+        raise ValueError(f"{int((~ok).sum())} images became unreadable between embedding and caching activations")
+    (train, mtr), (val, mva), (test, mte) = train_m, val_m, test_m
+    where = {m: np.flatnonzero(mask) for m, mask in (("train", mtr), ("val", mva), ("test", mte))}
+
+    class View:  # rows of the all-images cache for one split
+        def __init__(self, rows):
+            self.rows, self.shape = rows, (len(rows),) + acts.shape[1:]
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, idx):
+            return acts[self.rows[idx]]
+
+    train_parts, keep = [View(where["train"])], [np.ones(len(train), bool)]
+    train_paths = [paths[i] for i in where["train"]]
+    for k in range(cfg.train.partial_copies):
+        a, okk = cached_activations(trunk, backbone.preprocess, train_paths, cache_dir, name, augment=augment, copy=k)
+        train_parts.append(a)
+        keep.append(okk)
+    reps = 1 + cfg.train.partial_copies
+    mask = torch.as_tensor(np.concatenate(keep))
+    rows = Rows(train_parts)
+    fit_train = Split(labels=train.labels.repeat(reps), lat=train.lat.repeat(reps), lon=train.lon.repeat(reps))
+    if (~mask).any():  # unreadable augmented copies: their rows are left out
+        good = torch.nonzero(mask).squeeze(1).numpy()
+        rows = _Subset(rows, good)
+        fit_train = Split(labels=fit_train.labels[good], lat=fit_train.lat[good], lon=fit_train.lon[good])
+    model = TailModel(tail, head)
+    state = trainer.fit_partial(model, rows, fit_train, Rows([View(where["val"])]), val, cfg.train.partial_epochs,
+                                cfg.train.partial_lr_mult, resume=resume, history=state.get("history", []), start=state.get("stopper"))
+    feats = tail_features(model, Rows([acts]))
+    for s, m in ((train, mtr), (val, mva), (test, mte)):
+        s.feats = feats[torch.as_tensor(m)]
+    return state
+
+
+class _Subset:
+    def __init__(self, rows, keep: np.ndarray):
+        self.rows, self.keep = rows, keep
+
+    def __len__(self):
+        return len(self.keep)
+
+    def take(self, idx):
+        return self.rows.take(self.keep[np.asarray(idx)])
 
 
 def calibrate_head(cfg, head, val: Split, test: Split) -> dict:

@@ -2,7 +2,9 @@
 
 Phase ``frozen`` trains the head on cached backbone features (fast on CPU).
 Phase ``finetune`` (``train.finetune_epochs > 0``) unfreezes the backbone and
-trains on images with the backbone at ``lr * finetune_lr_mult``. Both use
+trains on images with the backbone at ``lr * finetune_lr_mult``. Phase ``partial``
+(``train.partial_blocks > 0``) trains only the backbone's last blocks + the head over
+cached trunk activations (``training.partial``), the tail at ``lr * partial_lr_mult``. Both use
 AdamW, linear warmup then cosine decay per step, gradient clipping, model
 selection and early stopping on one validation signal (``EarlyStopping``),
 and a full-state checkpoint after every epoch (``checkpoints/last.pt``) from
@@ -153,7 +155,7 @@ def _ctx_on(ctx: LossContext, device: torch.device) -> LossContext:
         return ctx
     cw = None if ctx.class_weights is None else ctx.class_weights.to(device)
     return LossContext(ctx.class_lat.to(device), ctx.class_lon.to(device), cw, ctx.tau_km, ctx.mix_ce, ctx.name,
-                       ctx.level_weight, ctx.reg_weight)
+                       ctx.level_weight, ctx.reg_weight, ctx.contrastive_weight)
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,7 @@ class Trainer:
         self.class_lon = torch.as_tensor(self.labels.lon, dtype=torch.float64)
         cw = class_weights_from_counts(torch.as_tensor(train_counts)) if self.tc.class_weights else None
         self.ctx = LossContext(self.class_lat, self.class_lon, cw, self.tc.geo_tau_km, self.tc.geo_mix_ce, self.tc.loss,
-                               self.tc.level_weight, self.tc.reg_weight)
+                               self.tc.level_weight, self.tc.reg_weight, self.tc.contrastive_weight)
         self.ckpt_dir = Path(ckpt_dir)
         self.on_epoch = on_epoch or (lambda row: None)
         # device, precision and data parallelism (training/precision.py, training/distributed.py)
@@ -299,6 +301,43 @@ class Trainer:
         if resume is None and start and start.get("best") is not None:
             beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
         return self._run("finetune", epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
+
+    def fit_partial(self, model: nn.Module, train_acts, train: Split, val_acts, val: Split, epochs: int, tail_lr_mult: float,
+                    resume: dict | None = None, history: list | None = None, start: dict | None = None) -> dict:
+        """Train the backbone's tail + head (``training.partial.TailModel``) over cached trunk activations.
+
+        ``train_acts``/``val_acts``: ``training.partial.Rows`` aligned with ``train``/``val`` (labels, positions).
+        The tail learns at ``lr * tail_lr_mult``; as in fine-tuning, the model as it enters (``start``: the frozen
+        phase's stopper state) stays the one to beat."""
+        from .partial import tail_features
+
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+        def batches(epoch: int):
+            g = torch.Generator().manual_seed(self.tc.seed * 1000 + 700 + epoch)
+            perm = torch.randperm(len(train), generator=g)
+            for s in range(0, len(train), self.tc.batch_size):
+                batch = perm[s:s + self.tc.batch_size]
+                idx = D.shard(batch, self.dist)  # this rank's share of the global batch
+                yield train_acts.take(idx.numpy()).to(self.device), idx, len(batch)
+
+        @torch.no_grad()
+        def evaluate():
+            model.to("cpu")
+            try:
+                return model.head(tail_features(model, val_acts)).map(_to_cpu)
+            finally:
+                model.to(self.device)
+
+        opt = torch.optim.AdamW([
+            {"params": model.head.parameters(), "lr": self.tc.lr},
+            {"params": model.tail.parameters(), "lr": self.tc.lr * tail_lr_mult},
+        ], weight_decay=self.tc.weight_decay)
+        beat = None
+        if resume is None and start and start.get("best") is not None:
+            beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return self._run("partial", epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
 
     def _run(self, phase: str, epochs: int, module: nn.Module, head: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
              history: list | None = None, start: tuple[dict, dict] | None = None) -> dict:

@@ -27,12 +27,14 @@ class LossContext:
     (``cell_loss``), class anchors and weights, and the weights of the heads' extra terms."""
 
     def __init__(self, class_lat: torch.Tensor, class_lon: torch.Tensor, class_weights: torch.Tensor | None, tau_km: float,
-                 mix_ce: float, name: str = "geo", level_weight: float = 0.5, reg_weight: float = 1.0):
+                 mix_ce: float, name: str = "geo", level_weight: float = 0.5, reg_weight: float = 1.0,
+                 contrastive_weight: float = 1.0):
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(sorted(LOSSES))}")
         self.class_lat, self.class_lon = class_lat, class_lon
         self.class_weights, self.tau_km, self.mix_ce = class_weights, tau_km, mix_ce
         self.name, self.level_weight, self.reg_weight = name, float(level_weight), float(reg_weight)
+        self.contrastive_weight = float(contrastive_weight)
 
     def cell_loss(self, log_probs: torch.Tensor, labels: torch.Tensor, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
         return LOSSES[self.name](log_probs, labels, lat, lon, self)
