@@ -175,7 +175,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                                                                     cache_dir, augment, cfg.augment.copies, cfg.train.embed_engine))
         state = trainer.fit_head(head, fit_train, val, resume_state, fusion=fusion)
         history[:] = state["history"]
-    if pretrained and cfg.train.partial_blocks > 0:  # (config: not with a fusion)
+    partial = pretrained and cfg.train.partial_blocks > 0  # (config: not with a fusion)
+    if partial:
         state = run_partial(cfg, trainer, backbone, head, frame, (train, mtr), (val, mva), (test, mte), augment,
                             resume_state if resumed_phase == "partial" else None, state)
         history[:] = state["history"]
