@@ -32,6 +32,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
 
+# scripts whose results file is named by their issue, not by the script
+RESULT_FILES = {"inference": "inference_ablation.json"}
+
+
+def result_path(name: str) -> Path:
+    return RESULTS / RESULT_FILES.get(name, f"{name}.json")
+
+
 def scripts() -> dict[str, Path]:
     return {p.stem.removeprefix("bench_"): p for p in sorted(BENCH.glob("bench_*.py"))}
 
@@ -58,7 +66,7 @@ def run_one(name: str, path: Path) -> dict:
     finally:
         sys.argv = argv
     seconds = round(time.perf_counter() - t0, 1)
-    out = RESULTS / f"{name}.json"
+    out = result_path(name)
     if status == "ok" and (not out.exists() or out.stat().st_mtime < started):  # the script did not write it
         out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     return {"name": name, "status": status, "seconds": seconds, "result": result}
@@ -106,7 +114,7 @@ def write_markdown(ran: list[dict], path: Path = RESULTS / "BENCH.md") -> Path:
              "| benchmark | status | seconds | results |", "|---|---|---:|---|"]
     sections = []
     for name in scripts():
-        json_path = RESULTS / f"{name}.json"
+        json_path = result_path(name)
         if name in done:
             r = done[name]
             result, status, secs = r["result"], r["status"], _fmt(r["seconds"])
@@ -116,7 +124,7 @@ def write_markdown(ran: list[dict], path: Path = RESULTS / "BENCH.md") -> Path:
             status, secs = f"not run now (result of {when})", "–"
         else:
             result, status, secs = {}, "never run", "–"
-        link = f"[{name}.json]({name}.json)" if json_path.exists() else "–"
+        link = f"[{json_path.name}]({json_path.name})" if json_path.exists() else "–"
         lines.append(f"| {name} | {status} | {secs} | {link} |")
         if result:
             sections += [f"## {name}", ""] + section(name, result)
