@@ -12,33 +12,19 @@ A fusion records its constructor kwargs in ``kwargs`` so the model file rebuilds
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
-FUSIONS: dict[str, type["Fusion"]] = {}
+from ..registry import Registry
+
+FUSIONS = Registry("fusion")
+register_fusion = FUSIONS.register
+list_fusions = FUSIONS.names
 MASKED = -1e9  # the score of an absent view: exp() of it is exactly 0 next to any present view
 
 
-def register_fusion(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in FUSIONS:
-            raise ValueError(f"fusion {name!r} registered twice")
-        cls.name = name
-        FUSIONS[name] = cls
-        return cls
-    return deco
-
-
-def list_fusions() -> list[str]:
-    return sorted(FUSIONS)
-
-
 def create_fusion(name: str, in_features: int, views: list[str], **kwargs) -> "Fusion":
-    if name not in FUSIONS:
-        raise KeyError(f"unknown fusion {name!r}: choose one of {', '.join(list_fusions())}")
-    return FUSIONS[name](in_features, list(views), **kwargs)
+    return FUSIONS.get_class(name)(in_features, list(views), **kwargs)
 
 
 class Fusion(nn.Module):

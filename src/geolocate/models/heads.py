@@ -15,37 +15,22 @@ Every head holds a ``temperature`` buffer (1 until calibration sets it): probabi
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..labels import FINE, LabelSpace
+from ..registry import Registry
 from .backbones import Backbone
 from .outputs import Decoded, GeoOutput, haversine_torch, latlon_to_unit, offset_to_latlon, unit_to_latlon
 
-HEADS: dict[str, type["Head"]] = {}
-
-
-def register_head(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        if name in HEADS:
-            raise ValueError(f"head {name!r} registered twice")
-        cls.name = name
-        HEADS[name] = cls
-        return cls
-    return deco
-
-
-def list_heads() -> list[str]:
-    return sorted(HEADS)
+HEADS = Registry("head")
+register_head = HEADS.register
+list_heads = HEADS.names
 
 
 def create_head(name: str, in_features: int, labels: LabelSpace, **kwargs) -> "Head":
-    if name not in HEADS:
-        raise KeyError(f"unknown head {name!r}: choose one of {', '.join(list_heads())}")
-    return HEADS[name](in_features, labels, **kwargs)
+    return HEADS.get_class(name)(in_features, labels, **kwargs)
 
 
 class Head(nn.Module):

@@ -175,6 +175,10 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                                                                     cache_dir, augment, cfg.augment.copies, cfg.train.embed_engine))
         state = trainer.fit_head(head, fit_train, val, resume_state, fusion=fusion)
         history[:] = state["history"]
+    if fusion is not None:  # from here on every split is its fused features: what the trained head reads
+        fusion.eval()
+        for s in (train, val, test):
+            s.feats, s.view_mask = fused_features(fusion, s), None
     partial = pretrained and cfg.train.partial_blocks > 0  # (config: not with a fusion)
     if partial:
         state = run_partial(cfg, trainer, backbone, head, frame, (train, mtr), (val, mva), (test, mte), augment,

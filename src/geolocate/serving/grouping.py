@@ -39,13 +39,10 @@ def manifest_groups(path: str | Path, keys: Sequence[str] = SAMPLE_KEYS) -> list
     """Groups of a manifest in first-appearance order; a manifest that cannot be used is one ValueError line."""
     import polars as pl
 
+    from ..sources.manifest import read_table
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    try:
-        df = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=10000)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise ValueError(f"manifest {path}: cannot read it ({one_line(e)})") from None
+    df = read_table(path)
     key = next((k for k in keys if k in df.columns), None)
     if "path" not in df.columns or key is None:
         want = " or ".join(keys)

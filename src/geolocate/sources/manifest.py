@@ -22,13 +22,19 @@ from .folder import stable_id
 REQUIRED = ("path", "lat", "lon")
 
 
-def read_manifest(path: Path) -> pl.DataFrame:
+def read_table(path: Path) -> pl.DataFrame:
+    """A CSV or parquet manifest as a DataFrame; a missing or unreadable file is one error line."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     try:
-        df = pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=10000)
+        return pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=10000)
     except (pl.exceptions.PolarsError, OSError) as e:
         raise ValueError(f"manifest {path}: cannot read it ({one_line(e)})") from None
+
+
+def read_manifest(path: Path) -> pl.DataFrame:
+    df = read_table(path)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}")
