@@ -8,7 +8,8 @@ The demo pipeline (``configs/demo.yaml``) is built once; every variant trains on
   on validation only);
 - ``hierarchical`` (res 0 -> res 1, joint p(parent)·p(cell | parent)), ``hierarchical_mask`` (cells outside the
   top 3 parents masked), ``offset`` (cell + in-cell offset regression), ``gps`` (cell + coordinate regression),
-  ``hard_negatives`` (oversampling of confused cell pairs): each alone, answering with its own point;
+  ``hard_negatives`` (oversampling of confused cell pairs), ``adjacency`` (H3 ring-1 soft targets instead of
+  the haversine ``geo`` loss): each alone, answering with its own point;
   ``offset_hard_negatives``: the offset head trained with hard negatives;
 - ``<variant>+refine``: that variant with refinement;
 - ``best``: per seed, the configuration with the lowest **validation** median among all of the above (test reported).
@@ -49,6 +50,7 @@ RUNS: dict[str, dict[str, object]] = {
     "offset": {"model.head": "offset"},
     "gps": {"model.head": "gps"},
     "hard_negatives": {"train.hard_negatives": 1.0},
+    "adjacency": {"train.loss": "adjacency"},  # H3 ring-1 soft targets instead of the haversine-smoothed geo loss
     "offset_hard_negatives": {"model.head": "offset", "train.hard_negatives": 1.0},  # the two best tools together
 }
 

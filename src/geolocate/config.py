@@ -136,9 +136,10 @@ class TrainConfig:
     monitor_ema: float = 0.8      # smoothing of the monitor: weight of the past in an EMA (0 = raw); bench/bench_recipe.py
     patience: int = 12            # stop after this many epochs without a better (smoothed) monitor...
     min_epochs: int = 30          # ...but never before this many epochs
-    loss: str = "geo"             # "ce" or "geo" (haversine soft targets mixed with CE)
+    loss: str = "geo"             # "ce", "geo" (haversine soft targets mixed with CE) or "adjacency" (H3 neighbours)
     geo_tau_km: float = 600.0
     geo_mix_ce: float = 0.3       # weight of plain CE inside the geo loss
+    adjacency_eps: float = 0.2    # adjacency loss: target mass shared by the true cell's H3 neighbour classes
     class_weights: bool = False
     level_weight: float = 0.5     # hierarchical head: weight of each coarser level's cross-entropy
     reg_weight: float = 1.0       # offset / gps heads: weight of the haversine regression term
@@ -316,6 +317,7 @@ class Config:
             (check_device(self.train.device) is None, check_device(self.train.device) or ""),
             (self.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}"),
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
+            (0 <= self.train.adjacency_eps < 1, "train.adjacency_eps must be in [0, 1)"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),
             (self.source.earth.views in (1, 4), f"source.earth.views must be 1 or 4 (N/E/S/W), got {self.source.earth.views}"),

@@ -28,7 +28,7 @@ from ..geo import geoscore, haversine_km
 from ..io import atomic_write, one_line
 from ..progress import progress_bar
 from . import distributed as D
-from .losses import LossContext, class_weights_from_counts
+from .losses import LossContext, class_neighbours, class_weights_from_counts
 from .precision import Precision
 from .sampling import epoch_order, hard_negative_weights
 from ..models.outputs import GeoOutput
@@ -151,11 +151,7 @@ def feature_rows(feats, idx=None) -> torch.Tensor:
 
 
 def _ctx_on(ctx: LossContext, device: torch.device) -> LossContext:
-    if device.type == "cpu":
-        return ctx
-    cw = None if ctx.class_weights is None else ctx.class_weights.to(device)
-    return LossContext(ctx.class_lat.to(device), ctx.class_lon.to(device), cw, ctx.tau_km, ctx.mix_ce, ctx.name,
-                       ctx.level_weight, ctx.reg_weight, ctx.contrastive_weight)
+    return ctx if device.type == "cpu" else ctx.to(device)
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -175,8 +171,9 @@ class Trainer:
         self.class_lat = torch.as_tensor(self.labels.lat, dtype=torch.float64)
         self.class_lon = torch.as_tensor(self.labels.lon, dtype=torch.float64)
         cw = class_weights_from_counts(torch.as_tensor(train_counts)) if self.tc.class_weights else None
+        nb = class_neighbours(self.labels) if self.tc.loss == "adjacency" else None
         self.ctx = LossContext(self.class_lat, self.class_lon, cw, self.tc.geo_tau_km, self.tc.geo_mix_ce, self.tc.loss,
-                               self.tc.level_weight, self.tc.reg_weight, self.tc.contrastive_weight)
+                               self.tc.level_weight, self.tc.reg_weight, self.tc.contrastive_weight, nb, self.tc.adjacency_eps)
         self.ckpt_dir = Path(ckpt_dir)
         self.on_epoch = on_epoch or (lambda row: None)
         # device, precision and data parallelism (training/precision.py, training/distributed.py)
