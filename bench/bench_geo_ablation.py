@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = workspace_config(args.config, tmp, args.count)
         base.eval.knn_k = 1
         base.eval.refine = "always"  # measure every variant both ways; "best" picks on validation below
+        base.train.hard_negatives = 0.0  # each tool alone: the variants that want hard negatives set them
         build_earth(base)
         for seed in args.seeds:
             candidates = {}  # name -> {split: metrics}

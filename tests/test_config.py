@@ -22,7 +22,7 @@ def test_toml(tmp_path):
     ("train.epochz=3", "valid keys at train: epochs"),
     ("nope.x=1", "valid keys at top level: paths, source"),
     ("train.epochs=abc", "expects int"),
-    ("train.loss=mse", "train.loss must be one of ['ce', 'geo']"),
+    ("train.loss=mse", "train.loss must be one of ['adjacency', 'ce', 'geo']"),
     ("train", "must look like section.key=value"),
     ("index.split_ratios=0.5,0.5,0.5", "summing to 1"),
     ("train=3", "is a section"),
