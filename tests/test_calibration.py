@@ -1,4 +1,4 @@
-"""Temperature scaling on validation: fitted on hand-made overconfident logits, folded into the head."""
+"""Temperature scaling on validation: fitted on hand-made overconfident logits, kept in the head (a temperature buffer)."""
 import numpy as np
 import pytest
 import torch

@@ -386,7 +386,7 @@ class _Subset:
 
 
 def calibrate_head(cfg, head, val: Split, test: Split) -> dict:
-    """Temperature scaling fit on validation and folded into the head; ECE before/after on val (and test)."""
+    """Temperature scaling fit on validation and kept in the head (its temperature buffer); ECE before/after on val (and test)."""
     from ..evaluation.calibration import ece, fit_temperature, softmax
 
     if not cfg.eval.calibrate or len(val) == 0:
