@@ -271,17 +271,8 @@ class Trainer:
         frozen phase's; the model as it enters (the frozen phase's ``stopper`` state, ``start``) stays the one to
         beat, so fine-tuning never ships a worse model than the frozen phase made.
         """
-        for p in model.backbone.parameters():
-            p.requires_grad_(True)
-
-        def batches(epoch: int):
-            g = torch.Generator().manual_seed(self.tc.seed * 1000 + 500 + epoch)
-            perm = torch.randperm(len(train), generator=g)
-            for s in range(0, len(train), self.tc.batch_size):
-                batch = perm[s:s + self.tc.batch_size]
-                idx = D.shard(batch, self.dist)
-                x = batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g).to(self.device) if len(idx) else None
-                yield x, idx, len(batch)
+        def images(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            return batch_fn(model, [train.paths[i] for i in idx], self.tc.augment, g).to(self.device)
 
         @torch.no_grad()
         def evaluate():
@@ -290,14 +281,8 @@ class Trainer:
                 return GeoOutput.cat([model(batch_fn(model, val.paths[s:s + 64], False, None).to(self.device)).map(_to_cpu)
                                       for s in range(0, len(val), 64)])
 
-        opt = torch.optim.AdamW([
-            {"params": model.head.parameters(), "lr": self.tc.lr},
-            {"params": model.backbone.parameters(), "lr": self.tc.lr * backbone_lr_mult},
-        ], weight_decay=self.tc.weight_decay)
-        beat = None
-        if resume is None and start and start.get("best") is not None:
-            beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        return self._run("finetune", epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
+        return self._fit_body("finetune", 500, model, model.backbone, backbone_lr_mult, images, train, val, evaluate, epochs,
+                              resume, history, start)
 
     def fit_partial(self, model: nn.Module, train_acts, train: Split, val_acts, val: Split, epochs: int, tail_lr_mult: float,
                     resume: dict | None = None, history: list | None = None, start: dict | None = None) -> dict:
@@ -308,16 +293,8 @@ class Trainer:
         phase's stopper state) stays the one to beat."""
         from .partial import tail_features
 
-        for p in model.parameters():
-            p.requires_grad_(True)
-
-        def batches(epoch: int):
-            g = torch.Generator().manual_seed(self.tc.seed * 1000 + 700 + epoch)
-            perm = torch.randperm(len(train), generator=g)
-            for s in range(0, len(train), self.tc.batch_size):
-                batch = perm[s:s + self.tc.batch_size]
-                idx = D.shard(batch, self.dist)  # this rank's share of the global batch
-                yield train_acts.take(idx.numpy()).to(self.device), idx, len(batch)
+        def activations(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            return train_acts.take(idx.numpy()).to(self.device)
 
         @torch.no_grad()
         def evaluate():
@@ -327,14 +304,34 @@ class Trainer:
             finally:
                 model.to(self.device)
 
+        return self._fit_body("partial", 700, model, model.tail, tail_lr_mult, activations, train, val, evaluate, epochs,
+                              resume, history, start)
+
+    def _fit_body(self, phase: str, seed_offset: int, model: nn.Module, body: nn.Module, body_lr_mult: float, inputs,
+                  train: Split, val: Split, evaluate, epochs: int, resume, history, start) -> dict:
+        """A phase that trains part of the backbone (``body``, at ``lr * body_lr_mult``) with the head: fine-tuning and
+        partial fine-tuning. ``inputs(rows, generator)`` gives a batch's input; each epoch shuffles with its own seed
+        (``seed_offset`` keeps the phases apart), each rank takes its share of every global batch. The model as it
+        enters (``start``: the previous phase's stopper state) stays the one to beat."""
+        for p in body.parameters():
+            p.requires_grad_(True)
+
+        def batches(epoch: int):
+            g = torch.Generator().manual_seed(self.tc.seed * 1000 + seed_offset + epoch)
+            perm = torch.randperm(len(train), generator=g)
+            for s in range(0, len(train), self.tc.batch_size):
+                batch = perm[s:s + self.tc.batch_size]
+                idx = D.shard(batch, self.dist)  # this rank's share of the global batch
+                yield inputs(idx, g) if len(idx) else None, idx, len(batch)
+
         opt = torch.optim.AdamW([
             {"params": model.head.parameters(), "lr": self.tc.lr},
-            {"params": model.tail.parameters(), "lr": self.tc.lr * tail_lr_mult},
+            {"params": body.parameters(), "lr": self.tc.lr * body_lr_mult},
         ], weight_decay=self.tc.weight_decay)
         beat = None
         if resume is None and start and start.get("best") is not None:
             beat = (start, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        return self._run("partial", epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
+        return self._run(phase, epochs, model, model.head, opt, batches, train, val, evaluate, resume, history, beat)
 
     def _run(self, phase: str, epochs: int, module: nn.Module, head: nn.Module, opt, batches, train: Split, val: Split, evaluate, resume,
              history: list | None = None, start: tuple[dict, dict] | None = None) -> dict:
