@@ -37,8 +37,11 @@ def _key(x: float) -> str:
 
 def assess_confidence(cfg, run_dir: Path, model_path: Path, meta: dict, calibration: dict, classes: list[dict],
                       train, val, test, split_probs: dict, test_error_km: np.ndarray | None, features: str,
-                      regions: RegionSpace | None = None) -> dict:
-    """The summary sections ``conformal``, ``selective``, ``ood``; ``meta`` gains ``conformal``, ``ood``, ``regions``."""
+                      regions: RegionSpace | None = None, gallery=None) -> dict:
+    """The summary sections ``conformal``, ``selective``, ``ood``; ``meta`` gains ``conformal``, ``ood``, ``regions``.
+
+    ``gallery``: the training-embedding gallery the run already built (for refinement), reused for the OOD score;
+    built here only when there is none."""
     from ..tasks.refine import Gallery, gallery_path
 
     plots = Path(run_dir) / "plots"
@@ -83,13 +86,16 @@ def assess_confidence(cfg, run_dir: Path, model_path: Path, meta: dict, calibrat
 
     # ---- out-of-distribution flag ---------------------------------------------------------
     if train.feats is not None and len(train) and val.feats is not None:
-        if meta.get("refine"):
+        if meta.get("refine"):  # the gallery refinement ships is already written beside the model
             sha, size = meta["refine"]["gallery_sha256"], meta["refine"]["gallery_size"]
-            gallery = Gallery.load(gallery_path(model_path), sha256=sha)
+            if gallery is None:
+                gallery = Gallery.load(gallery_path(model_path), sha256=sha)
         else:
-            from .experiment import as_array
+            if gallery is None:
+                from .experiment import as_array
 
-            gallery = Gallery.build(as_array(train.feats), train.lat.numpy(), train.lon.numpy(), train.labels.numpy(), features, len(classes))
+                gallery = Gallery.build(as_array(train.feats), train.lat.numpy(), train.lon.numpy(), train.labels.numpy(),
+                                        features, len(classes))
             sha, size = gallery.save(gallery_path(model_path)), len(gallery)
         k = ev.ood_neighbours
         s_val = O.knn_distance(gallery.feats, val.feats.numpy(), k)

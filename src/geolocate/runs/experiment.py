@@ -265,7 +265,8 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         meta["refine"] = {"params": candidate.params.to_dict(), "features": gallery.features, "val_median_km": round(candidate.val_km, 3),
                           "gallery_sha256": gallery.save(gallery_path(model_path)), "gallery_size": len(gallery)}
     confidence = assess_confidence(cfg, run_dir, model_path, meta, calibration, labels["classes"], train, val, test, split_probs,
-                                   None if test_rows is None else test_rows["error_km"].to_numpy(), backbone.cache_name, regions)
+                                   None if test_rows is None else test_rows["error_km"].to_numpy(), backbone.cache_name, regions,
+                                   gallery=None if candidate is None else candidate.gallery)
     save_model(model_path, model, spec, space, backbone_trained, meta)
 
     # the gate reads validation, like the choice of epoch; test is only reported
