@@ -169,11 +169,15 @@ class HierarchicalHead(Head):
         return lps
 
     def log_probs(self, out: GeoOutput) -> torch.Tensor:
+        return self._fine_log_probs(out, self.level_log_probs(out))
+
+    def _fine_log_probs(self, out: GeoOutput, levels: list[torch.Tensor]) -> torch.Tensor:
+        """The fine classes' log-probabilities from the levels' (``level_log_probs``, computed once by the caller)."""
         last = len(self.level_names) - 1
         parent = self.parents(last)
-        lp = self.level_log_probs(out)[-1].index_select(1, parent) + _group_log_softmax(out.logits[FINE], parent, self.level_sizes[last])
+        lp_parent = levels[-1]
+        lp = lp_parent.index_select(1, parent) + _group_log_softmax(out.logits[FINE], parent, self.level_sizes[last])
         if self.mode == "mask" and not self.training:
-            lp_parent = self.level_log_probs(out)[-1]
             k = min(self.mask_top, lp_parent.shape[1])
             kth = lp_parent.topk(k, dim=1).values[:, -1:]
             keep = (lp_parent >= kth).index_select(1, parent)
@@ -181,9 +185,10 @@ class HierarchicalHead(Head):
         return lp
 
     def loss(self, out, labels, lat, lon, ctx) -> torch.Tensor:
-        total = ctx.cell_loss(self.log_probs(out), labels, lat, lon)
+        levels = self.level_log_probs(out)
+        total = ctx.cell_loss(self._fine_log_probs(out, levels), labels, lat, lon)
         if ctx.level_weight > 0:
-            for i, lp in enumerate(self.level_log_probs(out)):
+            for i, lp in enumerate(levels):
                 total = total + ctx.level_weight * F.nll_loss(lp, self.parents(i)[labels])
         return total
 
