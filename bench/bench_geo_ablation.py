@@ -12,6 +12,10 @@ The demo pipeline (``configs/demo.yaml``) is built once; every variant trains on
   the haversine ``geo`` loss): each alone, answering with its own point;
   ``offset_hard_negatives``: the offset head trained with hard negatives;
 - ``<variant>+refine``: that variant with refinement;
+- decode-time reranking (``geolocate.tasks.rerank``, parameters chosen on validation): ``<variant>+prior`` (training
+  cell frequencies), ``+smooth`` (top-k geographic smoothing), ``+feature`` (gated gallery-similarity reranking),
+  each alone where it helped validation; ``+rerank`` the chain the run chose, ``+rerank+refine`` with refinement on
+  top (the baseline's rows drop the ``baseline+`` prefix: ``prior``, ``smooth``, ``rerank``, ...);
 - ``best``: per seed, the configuration with the lowest **validation** median among all of the above (test reported).
 
 Writes ``bench/results/geo_ablation.json``: ``rows`` of ``{"variant", "seed", "split", "n", "median_km", "p90_km",
@@ -88,15 +92,17 @@ def main(argv: list[str] | None = None) -> dict:
                 abl = s["answer_point"]["ablation"]
                 own = abl["head_point"] if abl.get("head_point") else abl["cell_anchor"]
                 candidates[variant] = own
-                if abl.get("refined"):
-                    candidates[f"{variant}+refine"] = abl["refined"]
+                for key, suffix in (("refined", "refine"), ("reranked", "rerank"), ("reranked_refined", "rerank+refine"),
+                                    *((k, k.removeprefix("rerank_")) for k in abl if k.startswith("rerank_"))):
+                    if abl.get(key):
+                        candidates[f"{variant}+{suffix}"] = abl[key]
                 if variant == "baseline":
                     candidates["knn1"] = s["baselines"]["knn"]
                 print(f"seed {seed} {variant}: val {own['val']['median_km']:,.0f} km, refined "
                       f"{abl.get('refined', {}).get('val', {}).get('median_km', float('nan')):,.0f} km", flush=True)
             for name, m in candidates.items():
                 for split in ("val", "test"):
-                    rows.append({"variant": "refine" if name == "baseline+refine" else name, "seed": seed, "split": split,
+                    rows.append({"variant": name.removeprefix("baseline+"), "seed": seed, "split": split,
                                  **{k: m[split][k] for k in KEYS}})
     if args.merge and args.out.is_file():  # keep the other variants' rows of an earlier run
         rerun = {r["variant"] for r in rows}

@@ -191,6 +191,8 @@ class EvalConfig:
     knn_k: int = 1
     calibrate: bool = True          # temperature scaling of the head, fit on validation (ranking unchanged)
     refine: str = "auto"            # answer point: "auto" refines inside the top cells when that wins on validation, "always", "off"
+    # decode-time reranking stages tried in this order (geolocate.tasks.rerank), each kept only if it wins on validation; [] = off
+    rerank: list[str] = dc.field(default_factory=lambda: ["prior", "smooth", "feature"])
     gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
     conformal_coverage: float = 0.9  # prediction sets over cells: target coverage, threshold fit on validation (1 = every cell)
     conformal_score: str = "aps"    # nonconformity score: "aps" (mass ranked at or above the true cell) or "lac" (1 - p_true)
@@ -257,6 +259,7 @@ class Config:
         from .training.losses import LOSSES  # registry lives with the losses
         from .models.heads import HEADS  # registry lives with the heads
         from .models.fusion import FUSIONS  # ... and the fusions with the fusions
+        from .tasks.rerank import RERANKERS  # ... and the decode-time reranking stages with them
         from .training.precision import PRECISIONS, check_device
 
         gates = gate_metrics()
@@ -309,6 +312,9 @@ class Config:
             (self.eval.conformal_score in ("aps", "lac"), f"eval.conformal_score must be 'aps' or 'lac', got {self.eval.conformal_score!r}"),
             (0 < self.eval.ood_quantile <= 1, f"eval.ood_quantile must be in (0, 1], got {self.eval.ood_quantile}"),
             (self.eval.ood_neighbours >= 1, f"eval.ood_neighbours must be >= 1, got {self.eval.ood_neighbours}"),
+            (isinstance(self.eval.rerank, list) and all(r in RERANKERS for r in self.eval.rerank)
+             and len(set(self.eval.rerank)) == len(self.eval.rerank),
+             f"eval.rerank must be a list of distinct stages from {RERANKERS.names()}, got {self.eval.rerank!r}"),
             (self.eval.refine in ("auto", "always", "off"), f"eval.refine must be auto, always or off, got {self.eval.refine!r}"),
             (math.isfinite(self.train.geo_tau_km) and self.train.geo_tau_km > 0, "train.geo_tau_km must be a finite number > 0"),
             (self.train.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}, got {self.train.monitor!r}"),

@@ -140,8 +140,13 @@ def _answer_point_lines(ap: dict | None) -> list[str]:
     how = (f"a training location refined inside the top {ap['params']['top_k']} cells from the training gallery (temperature "
            f"{ap['params']['temperature']}, {ap['params']['neighbours']} neighbours), chosen on validation" if ap["refined"]
            else "the top cell's anchor (refinement did not beat it on validation)")
+    rr = ap.get("rerank") or {}
+    stages = ", ".join(f"{st['name']} ({', '.join(f'{k}={v}' for k, v in st['params'].items())})" for st in rr.get("stages", []))
+    rerank = ([] if not rr else
+              [f"Decode-time reranking of the cells: {stages}, chosen on validation." if ap.get("reranked") else
+               f"Decode-time reranking: {'the stages ' + stages + ' helped the cell anchors but not the shipped answer' if stages else 'no stage improved validation'}, so none ships.", ""])
     tables = {f"{point} ({split})": m for point, per in ap["ablation"].items() for split, m in per.items()}
-    return ["## Answer point", "", f"The model answers with {how}.", "", metrics_table(tables)]
+    return ["## Answer point", "", f"The model answers with {how}.", "", *rerank, metrics_table(tables)]
 
 
 def write_report(run_dir: Path, summary: dict, stats: dict) -> None:

@@ -35,6 +35,7 @@ from ..training.embeddings import cached_embedding_view
 from ..training.precision import Precision
 from ..training.store import FeatureView
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
+from ..tasks.rerank import Reranking, RerankContext, answer_points, apply_reranking, choose_reranking
 from ..evaluation.regions import RegionSpace
 from ..training.augment import augment_for, image_batch, with_augmented_copies
 from ..training.dataset import fused_features, group_views, select_views
@@ -209,27 +210,62 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     for name, s in (("val", val), ("test", test)):
         if len(s):
             split_probs[name], split_points[name] = decode_split(head, s.feats, class_lat, class_lon)
-    candidate = choose_refinement(cfg, train, val, split_probs.get("val"), split_points.get("val"), backbone.cache_name, n_cls,
-                                   class_lat, class_lon)
+    gallery = (build_gallery(train, backbone.cache_name, n_cls)
+               if len(val) and (cfg.eval.refine != "off" or "feature" in cfg.eval.rerank) else None)
+    # the answer: the head's probabilities (or reranked ones), its point (or a refined one), all chosen on validation
+    answers = {"plain": Answer(dict(split_probs), dict(split_points), choose_refinement(cfg, gallery, val, split_probs.get("val"),
+                                                                            split_points.get("val"), class_lat, class_lon))}
+    reranking = choose_rerank(cfg, train_counts, gallery, val, split_probs.get("val"), split_points.get("val"), class_lat,
+                              class_lon, head.has_point)
+    rerank_ctx = lambda s: RerankContext(class_lat, class_lon, train_counts, gallery, s.feats.numpy())  # noqa: E731
+    if reranking is not None and reranking.stages:
+        rr_probs = {n: apply_reranking(reranking.stages, p, rerank_ctx(val if n == "val" else test)) for n, p in split_probs.items()}
+        rr_points = {n: answer_points(split_probs[n], rr_probs[n], rerank_ctx(val if n == "val" else test),
+                                      split_points[n] if head.has_point else None)
+                     for n in split_probs}
+        answers["reranked"] = Answer(rr_probs, rr_points, choose_refinement(cfg, gallery, val, rr_probs.get("val"),
+                                                                            rr_points.get("val"), class_lat, class_lon))
+    chosen = min(answers, key=lambda k: answers[k].val_km(val))  # "plain" first: it wins ties
+    candidate = answers[chosen].refinement
     shipped = candidate is not None and candidate.shipped
-    ablation: dict = {"cell_anchor": {}, "head_point": {}, "refined": {}}
+    reranked = chosen == "reranked"
+    if reranking is not None and reranking.stages:
+        console.print(f"reranking ({', '.join(s.name for s in reranking.stages)}) on validation: "
+                      f"{metric('median_km').fmt(answers['reranked'].val_km(val), unit=True)} against "
+                      f"{metric('median_km').fmt(answers['plain'].val_km(val), unit=True)} without; "
+                      f"{'shipped' if reranked else 'not shipped'}", markup=False, highlight=False)
+    ablation: dict = {"cell_anchor": {}, "head_point": {}, "refined": {}, "reranked": {}, "reranked_refined": {},
+                      **{f"rerank_{k}": {} for k in (reranking.alone if reranking else ())}}
     regions = RegionSpace.from_points(class_lat, class_lon)  # country + admin1 of each class anchor
     for name, s in (("val", val), ("test", test)):
         if len(s) == 0:
             continue
+        y, la, lo = s.labels.numpy(), s.lat.numpy(), s.lon.numpy()
         probs = split_probs[name]
         pred = probs.argmax(1)
-        y, la, lo = s.labels.numpy(), s.lat.numpy(), s.lon.numpy()
         ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred], regions=regions)
-        pt_lat, pt_lon = split_points[name]
         if head.has_point:
-            ablation["head_point"][name] = evaluate(probs, y, la, lo, pt_lat, pt_lon, regions=regions)
-        if candidate is not None:
-            r_lat, r_lon = refined_points(candidate, s.feats.numpy(), probs, pt_lat, pt_lon)
-            ablation["refined"][name] = evaluate(probs, y, la, lo, r_lat, r_lon, regions=regions)
-            if shipped:
-                pt_lat, pt_lon = r_lat, r_lon
-        metrics[name] = ablation["refined" if shipped else "head_point" if head.has_point else "cell_anchor"][name]
+            ablation["head_point"][name] = evaluate(probs, y, la, lo, *split_points[name], regions=regions)
+        refined = {}  # answer -> its refined points on this split
+        for key, ans in answers.items():
+            if key == "reranked":
+                ablation[key][name] = evaluate(ans.probs[name], y, la, lo, *ans.points[name], regions=regions)
+            if ans.refinement is not None:
+                refined[key] = refined_points(ans.refinement, s.feats.numpy(), ans.probs[name], *ans.points[name])
+                ablation["reranked_refined" if key == "reranked" else "refined"][name] = evaluate(
+                    ans.probs[name], y, la, lo, *refined[key], regions=regions)
+        for k, st in (reranking.alone.items() if reranking else ()):  # each stage alone at its best grid point
+            p1 = apply_reranking([st], probs, rerank_ctx(s))
+            ablation[f"rerank_{k}"][name] = evaluate(p1, y, la, lo, *answer_points(probs, p1, rerank_ctx(s),
+                                                     split_points[name] if head.has_point else None), regions=regions)
+        ans = answers[chosen]
+        probs, (pt_lat, pt_lon) = ans.probs[name], ans.points[name]
+        split_probs[name] = probs  # what the confidence tools (calibration sets, selective, regions) read
+        pred = probs.argmax(1)
+        if shipped:
+            pt_lat, pt_lon = refined[chosen]
+        metrics[name] = (ablation["reranked_refined" if reranked else "refined"] if shipped
+                         else ablation["reranked"] if reranked else ablation["head_point" if head.has_point else "cell_anchor"])[name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
         baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon, regions=regions)
         sc, pla, plo = knn_predict(as_array(train.feats), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
@@ -260,13 +296,18 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     meta = {"run_id": run_id, "metrics": {"test": metrics["test"], "val": metrics["val"]}, "dataset_fingerprint": stats["fingerprint"],
             "sources": stats.get("sources", {}), "images": stats["images"],
             "best_val_loss": ((state.get("stopper") or {}).get("best_row") or {}).get("val_loss")}  # ensembles weigh members by it
+    uses_gallery = shipped or (reranked and any(st.name == "feature" for st in reranking.stages))
+    gallery_sha = gallery.save(gallery_path(model_path)) if uses_gallery else None
     if shipped:
-        gallery = candidate.gallery
         meta["refine"] = {"params": candidate.params.to_dict(), "features": gallery.features, "val_median_km": round(candidate.val_km, 3),
-                          "gallery_sha256": gallery.save(gallery_path(model_path)), "gallery_size": len(gallery)}
+                          "gallery_sha256": gallery_sha, "gallery_size": len(gallery)}
+    if reranked:  # decode-time reranking: the stages and what they read (training counts; the gallery for "feature")
+        meta["rerank"] = {"stages": [st.to_dict() for st in reranking.stages], "counts": train_counts.tolist(),
+                          **({"features": gallery.features, "gallery_sha256": gallery_sha, "gallery_size": len(gallery)}
+                             if uses_gallery else {})}
     confidence = assess_confidence(cfg, run_dir, model_path, meta, calibration, labels["classes"], train, val, test, split_probs,
                                    None if test_rows is None else test_rows["error_km"].to_numpy(), backbone.cache_name, regions,
-                                   gallery=None if candidate is None else candidate.gallery)
+                                   gallery=gallery)
     save_model(model_path, model, spec, space, backbone_trained, meta)
 
     # the gate reads validation, like the choice of epoch; test is only reported
@@ -310,6 +351,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         **confidence,  # conformal, selective, ood, regions
         "answer_point": {"refined": shipped, "head_point": bool(head.has_point),
                          "params": candidate.params.to_dict() if shipped else None,
+                         "reranked": reranked, "rerank": None if reranking is None else reranking.to_dict(),
                          "ablation": {k: v for k, v in ablation.items() if v}},
         "gate": {"metric": gate_key, "split": gate_split, "value": gate_value, "previous": previous, "promoted": promoted},
     }
@@ -414,16 +456,33 @@ class Refinement(NamedTuple):
     shipped: bool   # it beat the cell anchors on validation (``eval.refine: auto``), or ``eval.refine`` is ``always``
 
 
-def choose_refinement(cfg, train: Split, val: Split, val_probs, val_points, features: str, n_cls: int,
-                      class_lat: np.ndarray, class_lon: np.ndarray) -> Refinement | None:
-    """The best refinement on validation (against the head's own answer point), None when ``eval.refine`` is off."""
-    if cfg.eval.refine == "off" or val_probs is None or len(val) == 0:
-        return None
+class Answer(NamedTuple):
+    """One way of answering: per split, the probabilities and the head's point, and the refinement measured on them."""
+    probs: dict
+    points: dict
+    refinement: Refinement | None
+
+    def val_km(self, val: Split) -> float:
+        """Validation median of this answer as it would ship (refined when its refinement ships)."""
+        if self.refinement is not None and self.refinement.shipped:
+            return self.refinement.val_km
+        return float(np.median(haversine_km(val.lat.numpy(), val.lon.numpy(), *self.points["val"])))
+
+
+def build_gallery(train: Split, features: str, n_cls: int) -> Gallery:
+    """The training embeddings + locations (+ place names): what refinement and feature reranking search."""
     from ..geo import place_names
 
     la, lo = train.lat.numpy(), train.lon.numpy()
-    gallery = Gallery.build(as_array(train.feats), la, lo, train.labels.numpy(), features, n_cls,
-                            places=[p["label"] for p in place_names(zip(la, lo))])
+    return Gallery.build(as_array(train.feats), la, lo, train.labels.numpy(), features, n_cls,
+                         places=[p["label"] for p in place_names(zip(la, lo))])
+
+
+def choose_refinement(cfg, gallery: Gallery | None, val: Split, val_probs, val_points,
+                      class_lat: np.ndarray, class_lon: np.ndarray) -> Refinement | None:
+    """The best refinement on validation (against the head's own answer point), None when ``eval.refine`` is off."""
+    if cfg.eval.refine == "off" or gallery is None or val_probs is None or len(val) == 0:
+        return None
     params, val_km = choose_params(gallery, val.feats.numpy(), val_probs, val.lat.numpy(), val.lon.numpy(), class_lat, class_lon,
                                    fallback=val_points)
     head_km = float(np.median(haversine_km(val.lat.numpy(), val.lon.numpy(), *val_points)))
@@ -431,6 +490,16 @@ def choose_refinement(cfg, train: Split, val: Split, val_probs, val_points, feat
     console.print(f"answer point on validation: the head's {km.fmt(head_km, unit=True)}, refined in the top {params.top_k} cells "
                   f"(T={params.temperature}, {params.neighbours} neighbours) {km.fmt(val_km, unit=True)}", markup=False, highlight=False)
     return Refinement(gallery, params, val_km, bool(km.better(val_km, head_km) or cfg.eval.refine == "always"))
+
+
+def choose_rerank(cfg, train_counts: np.ndarray, gallery: Gallery | None, val: Split, val_probs, val_points,
+                  class_lat: np.ndarray, class_lon: np.ndarray, has_point: bool) -> Reranking | None:
+    """The reranking stages (``eval.rerank``, in order) that improve validation, None when none are configured."""
+    if not cfg.eval.rerank or val_probs is None or len(val) == 0:
+        return None
+    ctx = RerankContext(class_lat, class_lon, train_counts, gallery, val.feats.numpy())
+    return choose_reranking(val_probs, ctx, val.lat.numpy(), val.lon.numpy(), val_points if has_point else None,
+                            order=cfg.eval.rerank)
 
 
 def refined_points(candidate: Refinement, feats: np.ndarray, probs: np.ndarray, pt_lat: np.ndarray, pt_lon: np.ndarray):

@@ -114,6 +114,7 @@ class Geolocator:
         self.class_lat = np.array([c["lat"] for c in self.classes])
         self.class_lon = np.array([c["lon"] for c in self.classes])
         self.preprocess = model.preprocess if model is not None else Preprocess.from_dict(info["preprocess"])
+        self._warned: set[str] = set()
         self.gallery, self.refine_params = self._load_gallery()
         from .confidence import Confidence
 
@@ -130,8 +131,10 @@ class Geolocator:
         return model_file.with_suffix(".pt")
 
     def _load_gallery(self):
-        """The refinement gallery the model was trained with, if it has one; a bad one warns and is not used."""
-        spec = (self.info.get("meta") or {}).get("refine")
+        """The gallery the model was trained with (for refinement and/or feature reranking), if it has one, and the
+        refinement parameters; a bad gallery warns and is not used."""
+        meta = self.info.get("meta") or {}
+        spec = meta.get("refine") or ((meta.get("rerank") or {}) if (meta.get("rerank") or {}).get("gallery_sha256") else None)
         if not spec or self.path is None or not getattr(self.engine, "has_features", False):
             return None, None
         from ..tasks.refine import Gallery, GalleryError, RefineParams, gallery_path
@@ -145,7 +148,27 @@ class Geolocator:
 
             console.print(tagged("warning", f"{e}; answering with cell anchors"), highlight=False, soft_wrap=True)
             return None, None
-        return g, RefineParams(**spec["params"])
+        return g, (RefineParams(**meta["refine"]["params"]) if meta.get("refine") else None)
+
+    def _rerank(self, probs: np.ndarray, feats: np.ndarray | None) -> np.ndarray:
+        """The model's decode-time reranking stages (chosen on validation when it was trained), if it has any."""
+        spec = (self.info.get("meta") or {}).get("rerank")
+        if not spec or not spec.get("stages"):
+            return probs
+        from ..tasks.rerank import RerankContext, apply_reranking
+
+        counts = np.asarray(spec["counts"], np.float64) if spec.get("counts") is not None else None
+        ctx = RerankContext(self.class_lat, self.class_lon, counts, self.gallery, None if feats is None else np.nan_to_num(feats))
+        safe = np.where(np.isfinite(probs), probs, 0.0)
+        out = apply_reranking(spec["stages"], safe, ctx, on_skip=self._warn_once)
+        return np.where(np.isfinite(probs).all(1, keepdims=True), out, probs)  # a non-finite row stays one (an error below)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            from ..progress import console, tagged
+
+            console.print(tagged("warning", message), highlight=False, soft_wrap=True)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | Sequence[str | Path] = "models/best.pt", engine: str = "auto",
@@ -234,6 +257,7 @@ class Geolocator:
             "metrics": meta.get("metrics", {}),
             "answer_point": ({"refined": True, **meta["refine"], "gallery_loaded": self.gallery is not None}
                              if meta.get("refine") else {"refined": False}),
+            "rerank": [dict(st) for st in (meta.get("rerank") or {}).get("stages", [])],
             "model_file": str(self.path) if self.path else None,
             "confidence": self.confidence.card(),
             "ensemble": self.info.get("ensemble"),
@@ -396,7 +420,12 @@ class Geolocator:
                 regressed: np.ndarray | None = None) -> list[Prediction]:
         """Fill each Prediction from its row of probabilities (features: the refined answer point and the OOD score;
         ``regressed``: the head's own point)."""
-        points = self._refine(feats, probs) if feats is not None and self.gallery is not None else None
+        before = probs
+        probs = self._rerank(probs, feats)
+        if regressed is not None:  # the head regressed its top cell's point: where reranking changed the top cell, no point
+            changed = np.isfinite(before).all(1) & (probs.argmax(1) != before.argmax(1))
+            regressed = np.where(changed[:, None], np.nan, regressed)
+        points = self._refine(feats, probs) if feats is not None and self.gallery is not None and self.refine_params else None
         ood = self.confidence.ood_scores(feats)
         return [self._finish(p, probs[j], top_k, None if points is None else points[j],
                              None if regressed is None else regressed[j], None if ood is None else float(ood[j]))

@@ -119,35 +119,18 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
     from ..evaluation.baselines import merge_top
 
     n, N = len(query_feats), len(gallery)
-    q = np.asarray(query_feats, np.float32)
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    q = normalised(query_feats)
     logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, None))
     k = max(1, min(params.top_k, probs.shape[1]))
     top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
     m = max(1, min(params.neighbours, N)) if N else 1
     best_s = np.full((n, m), -np.inf)
     best_i = np.full((n, m), -1, dtype=np.int64)
-    order = np.argsort(gallery.labels, kind="stable")                 # the items of each cell, contiguous
-    cells, starts, counts = np.unique(gallery.labels[order], return_index=True, return_counts=True)
-    pair_cell, pair_query = top.ravel(), np.repeat(np.arange(n), k)  # (query, one of its top cells)
-    by_cell = np.argsort(pair_cell, kind="stable")
-    pair_cell, pair_query = pair_cell[by_cell], pair_query[by_cell]
-    lo, hi = np.searchsorted(pair_cell, cells, "left"), np.searchsorted(pair_cell, cells, "right")
-    rows = max(1, max_block_bytes // max(4 * gallery.feats.shape[1], 1))
-    for c, g_start, g_count, q_lo, q_hi in zip(cells.tolist(), starts, counts, lo, hi):
-        if q_lo == q_hi:
-            continue  # no query has this cell among its top cells
-        qs = pair_query[q_lo:q_hi]
-        for g0 in range(g_start, g_start + g_count, rows):
-            gidx = order[g0:min(g0 + rows, g_start + g_count)]
-            g = gallery.feats[gidx].astype(np.float32)
-            mb = min(m, len(gidx))
-            chunk = max(1, max_block_bytes // max(8 * len(gidx), 1))
-            for s in range(0, len(qs), chunk):
-                qq = qs[s:s + chunk]
-                score = logp[qq, c][:, None] + (q[qq] @ g.T) / params.temperature   # (b, items of c)
-                part = np.argpartition(-score, mb - 1, axis=1)[:, :mb]
-                best_s[qq], best_i[qq] = merge_top(best_s[qq], best_i[qq], np.take_along_axis(score, part, axis=1), gidx[part], m)
+    for c, qq, _, gidx, g in cell_blocks(gallery, top, max_block_bytes):
+        mb = min(m, len(gidx))
+        score = logp[qq, c][:, None] + (q[qq] @ g.T) / params.temperature   # (b, items of c)
+        part = np.argpartition(-score, mb - 1, axis=1)[:, :mb]
+        best_s[qq], best_i[qq] = merge_top(best_s[qq], best_i[qq], np.take_along_axis(score, part, axis=1), gidx[part], m)
     out_lat, out_lon = np.full(n, np.nan), np.full(n, np.nan)
     out_idx = np.full(n, -1, dtype=np.int64)
     ok = np.isfinite(best_s[:, 0])
@@ -169,6 +152,40 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
         top1 = probs.argmax(1)
         out_lat[missing], out_lon[missing] = anchor_lat[top1[missing]], anchor_lon[top1[missing]]
     return out_lat, out_lon, out_idx
+
+
+def normalised(feats) -> np.ndarray:
+    """Rows of ``feats`` as L2-normalised float32 (a zero row stays zero)."""
+    q = np.asarray(feats, np.float32)
+    return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+
+
+def cell_blocks(gallery: Gallery, top: np.ndarray, max_block_bytes: int = 128 << 20):
+    """The gallery searched cell by cell for queries with candidate cells ``top`` (n, k): yields
+    ``(cell, query rows, their slot in top, gallery indices, float32 gallery rows)`` for every cell some query
+    names, in blocks of at most ``max_block_bytes`` of gallery rows and of (query x item) scores.
+
+    Only a query's own candidate cells are ever compared with it: ``k / cells`` of a dense search's work and memory,
+    and a 1M-item gallery needs no float32 copy. Refinement and feature reranking both search this way.
+    """
+    n, k = top.shape
+    order = np.argsort(gallery.labels, kind="stable")                 # the items of each cell, contiguous
+    cells, starts, counts = np.unique(gallery.labels[order], return_index=True, return_counts=True)
+    pair_cell, pair_query, pair_slot = top.ravel(), np.repeat(np.arange(n), k), np.tile(np.arange(k), n)
+    by_cell = np.argsort(pair_cell, kind="stable")
+    pair_cell, pair_query, pair_slot = pair_cell[by_cell], pair_query[by_cell], pair_slot[by_cell]
+    lo, hi = np.searchsorted(pair_cell, cells, "left"), np.searchsorted(pair_cell, cells, "right")
+    rows = max(1, max_block_bytes // max(4 * gallery.feats.shape[1], 1))
+    for c, g_start, g_count, q_lo, q_hi in zip(cells.tolist(), starts, counts, lo, hi):
+        if q_lo == q_hi:
+            continue  # no query has this cell among its top cells
+        qs, slots = pair_query[q_lo:q_hi], pair_slot[q_lo:q_hi]
+        for g0 in range(g_start, g_start + g_count, rows):
+            gidx = order[g0:min(g0 + rows, g_start + g_count)]
+            g = gallery.feats[gidx].astype(np.float32)
+            chunk = max(1, max_block_bytes // max(8 * len(gidx), 1))
+            for s in range(0, len(qs), chunk):
+                yield c, qs[s:s + chunk], slots[s:s + chunk], gidx, g
 
 
 def gallery_path(model_path: str | Path) -> Path:
