@@ -190,6 +190,7 @@ AUGMENT_RANGES: dict[str, tuple[float, float]] = {  # closed ranges of the augme
 class EvalConfig:
     knn_k: int = 1
     calibrate: bool = True          # temperature scaling of the head, fit on validation (ranking unchanged)
+    calibration_objective: str = "top1"  # what the temperature minimises on validation: "top1" (the top-1 confidence ECE measures) or "nll" (true cell)
     refine: str = "auto"            # answer point: "auto" refines inside the top cells when that wins on validation, "always", "off"
     # decode-time reranking stages tried in this order (geolocate.tasks.rerank), each kept only if it wins on validation; [] = off
     rerank: list[str] = dc.field(default_factory=lambda: ["prior", "smooth", "feature"])
@@ -315,6 +316,8 @@ class Config:
             (isinstance(self.eval.rerank, list) and all(r in RERANKERS for r in self.eval.rerank)
              and len(set(self.eval.rerank)) == len(self.eval.rerank),
              f"eval.rerank must be a list of distinct stages from {RERANKERS.names()}, got {self.eval.rerank!r}"),
+            (self.eval.calibration_objective in ("nll", "top1"),
+             f"eval.calibration_objective must be 'nll' or 'top1', got {self.eval.calibration_objective!r}"),
             (self.eval.refine in ("auto", "always", "off"), f"eval.refine must be auto, always or off, got {self.eval.refine!r}"),
             (math.isfinite(self.train.geo_tau_km) and self.train.geo_tau_km > 0, "train.geo_tau_km must be a finite number > 0"),
             (self.train.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}, got {self.train.monitor!r}"),

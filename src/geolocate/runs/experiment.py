@@ -279,6 +279,13 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                 "knn_lat": pla, "knn_lon": plo, "knn_error_km": haversine_km(la, lo, pla, plo),
                 "prior_error_km": haversine_km(la, lo, prior_lat, prior_lon),
             })
+    if calibration.get("fitted"):  # the confidence the answer reports: after reranking, when that ships
+        from ..evaluation.calibration import ece, ece_floor
+
+        for name, s in (("val", val), ("test", test)):
+            if name in split_probs:
+                calibration[f"{name}_ece_answer"] = round(ece(split_probs[name], s.labels.numpy()), 4)
+                calibration[f"{name}_ece_floor"] = round(ece_floor(split_probs[name]), 4)  # a perfectly calibrated model's
     if "test" not in metrics:  # tiny datasets: report val as the gate split
         metrics["test"], baselines["prior"]["test"], baselines["knn"]["test"] = metrics["val"], baselines["prior"]["val"], baselines["knn"]["val"]
         console.print(tagged("warning", "empty test split: test metrics repeat validation"))
@@ -437,9 +444,9 @@ def calibrate_head(cfg, head, val: Split, test: Split) -> dict:
     head.eval()
     with torch.no_grad():
         logits = {n: head.log_probs(head(s.feats)).double().numpy() for n, s in (("val", val), ("test", test)) if len(s)}
-    t = fit_temperature(logits["val"], val.labels.numpy())
+    t = fit_temperature(logits["val"], val.labels.numpy(), objective=cfg.eval.calibration_objective)
     head.set_temperature(t)
-    out: dict = {"temperature": round(t, 4), "fitted": True}
+    out: dict = {"temperature": round(t, 4), "fitted": True, "objective": cfg.eval.calibration_objective}
     for n, z in logits.items():
         y = (val if n == "val" else test).labels.numpy()
         out[f"{n}_ece_before"], out[f"{n}_ece_after"] = round(ece(softmax(z), y), 4), round(ece(softmax(z, t), y), 4)
