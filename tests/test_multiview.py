@@ -44,9 +44,13 @@ def test_identical_views_equal_one_view_exactly(geo, photos_dir):
 
 def test_two_views_average_their_probabilities(geo, photos_dir):
     a, b = photos_dir / PHOTO, photos_dir / OTHER
+    from geolocate.tasks.combine import mean_features
+
     fused = geo.predict([[a, b]], top_k=len(geo.classes))[0]
-    pa, pb = geo.probabilities(geo.preprocess.batch([a, b]))
-    mean = (pa.astype(np.float64) + pb) / 2
+    out = geo.engine.run(geo.preprocess.batch([a, b]))
+    pa, pb = out["probabilities"]
+    # the views' mean, then the model's decode-time reranking (if it ships any) on the sample's mean features
+    mean = geo._rerank(((pa.astype(np.float64) + pb) / 2)[None], mean_features(out["features"])[None])[0]
     got = {c.cell: c.probability for c in fused.top}
     assert [c.cell for c in fused.top[:3]] == [geo.classes[i]["cell"] for i in np.argsort(-mean)[:3]]
     assert [got[c["cell"]] for c in geo.classes] == pytest.approx(mean, abs=1e-6)
@@ -90,11 +94,13 @@ def test_ensemble_of_a_model_with_itself_is_the_model(trained, geo, photos_dir):
         for a, b in zip(ens.predict(files), single):
             assert _cells(a) == _cells(b) and (a.lat, a.lon, a.point) == (b.lat, b.lon, b.point)
     ranked = Geolocator.from_pretrained([trained[2], trained[2]], ensemble="rank").predict(files)
-    for a, b in zip(ranked, single):
-        assert [c.cell for c in a.top] == [c.cell for c in b.top]   # rank fusion keeps a lone member's order
+    raw = geo.engine.run(geo.preprocess.batch(files))["probabilities"]  # before any decode-time reranking (rank
+    for a, p in zip(ranked, raw):                                        # scores are not probabilities to rerank)
+        assert [c.cell for c in a.top] == [geo.classes[i]["cell"] for i in np.argsort(-p, kind="stable")[:len(a.top)]]
     # a multi-view sample through an ensemble still fuses its views
     fused = Geolocator.from_pretrained([trained[2], trained[2]]).predict([[files[0]] * 2])[0]
-    assert _cells(fused) == _cells(single[0])
+    assert [c for c, _ in _cells(fused)] == [c for c, _ in _cells(single[0])]
+    assert [p for _, p in _cells(fused)] == pytest.approx([p for _, p in _cells(single[0])], rel=1e-7)  # batch of 1 vs 3
 
 
 def test_models_with_other_labels_are_refused(trained, tmp_path, photos_dir):
@@ -161,8 +167,12 @@ def test_sequence_answer_combines_its_frames(trained, geo):
     assert [s.sequence for s in out] == [s for s, _, _ in seqs]
     for sp, (_, paths, truths) in zip(out, seqs):
         assert len(sp.frames) == len(paths) and all(f.error is None for f in sp.frames)
-        probs = geo.probabilities(geo.preprocess.batch(paths))
-        expect = combine("sum_logprob", probs, temperature=2.0)
+        from geolocate.tasks.combine import mean_features
+
+        out_f = geo.engine.run(geo.preprocess.batch(paths))
+        # the frames' evidence combined, then the model's decode-time reranking (if any) on their mean features
+        expect = geo._rerank(combine("sum_logprob", out_f["probabilities"], temperature=2.0)[None],
+                             mean_features(out_f["features"])[None])[0]
         got = {c.cell: c.probability for c in sp.prediction.top}
         assert sp.prediction.top[0].cell == geo.classes[int(expect.argmax())]["cell"]
         assert [got[c["cell"]] for c in geo.classes] == pytest.approx(expect, abs=1e-5)

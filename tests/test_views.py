@@ -298,7 +298,7 @@ def fused_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("views")
     cfg = views_config(root, **{"source.earth.count": 320, "model.fusion": "attention", "train.epochs": 12,
-                                "train.min_epochs": 0, "eval.refine": "off"})
+                                "train.min_epochs": 0, "eval.refine": "off", "eval.rerank": []})
     get_source("earth")(cfg, Path(cfg.paths.data_dir) / "raw" / "earth")
     build_index(cfg, plot=False)
     make_splits(cfg, plot=False)
@@ -333,3 +333,47 @@ def test_fused_run_trains_on_samples_and_its_model_file_rebuilds_the_fusion(fuse
     first = samples.rows[where[pred["id"][0]], 0]
     ds.paths[first] = str(Path(cfg.paths.data_dir) / "missing.jpg")
     assert ds[where[pred["id"][0]]]["view_mask"].tolist() == [False, True, True, True]
+
+
+@pytest.mark.parametrize("engine", ["onnx", "torch"])
+def test_the_predictor_fuses_a_samples_views_with_the_models_own_fusion(fused_run, engine, tmp_path):
+    """``Geolocator.predict([[N, E, S, W], ...])`` with a fused model answers as the run did on its test samples (the
+    views fused by the trained fusion, not their probabilities averaged); a missing view is masked, not fatal; a
+    sample with more views than the model has slots is refused with one line."""
+    from geolocate.index import load_index
+    from geolocate.serving import Geolocator
+
+    cfg, run_dir = fused_run
+    model_path = run_dir / "checkpoints" / "model.pt"
+    pred = pl.read_parquet(run_dir / "predictions_test.parquet")
+    df, _, _ = load_index(cfg)
+    samples = group_views(df)
+    where = {k: i for i, k in enumerate(samples.frame["id"].to_list())}
+    paths = df["path"].to_list()
+    groups = [[paths[r] for r in samples.rows[where[k]]] for k in pred["id"].to_list()]
+    geo = Geolocator.from_pretrained(model_path, engine=engine)
+    assert geo.fusion_slots == ["N", "E", "S", "W"]
+    got = geo.predict(groups, top_k=3)
+    assert all(p.error is None and len(p.views) == 4 for p in got)
+    labels = [geo.classes.index(next(c for c in geo.classes if c["cell"] == p.top[0].cell)) for p in got]
+    assert np.mean(np.array(labels) == pred["pred_label"].to_numpy()) >= 0.9
+    assert np.allclose([p.confidence for p in got], pred["prob"].to_numpy(), atol=2e-3)
+    # averaging the views' probabilities instead (what a model without a fusion does) answers differently
+    geo.fusion_slots = []
+    averaged = geo.predict(groups, top_k=3)
+    assert not np.allclose([p.confidence for p in averaged], pred["prob"].to_numpy(), atol=2e-3)
+    geo.fusion_slots = ["N", "E", "S", "W"]
+    # the same through the model itself, with one view gone: masked in its slot
+    model, _ = load_model(model_path)
+    ds = ViewImageDataset(paths, samples, model.preprocess)
+    item = ds[where[pred["id"][0]]]
+    with torch.no_grad():
+        ref = model.decode(item["images"][None], torch.tensor([[True, False, True, True]])).probabilities[0].numpy()
+    gone = list(groups[0])
+    gone[1] = str(tmp_path / "missing.jpg")
+    (p,) = geo.predict([gone], top_k=3)
+    assert p.error is None and len(p.dropped) == 1 and "missing.jpg" in p.dropped[0] and len(p.views) == 3
+    assert p.top[0].cell == geo.classes[int(ref.argmax())]["cell"]
+    assert p.confidence == pytest.approx(float(ref.max()), abs=2e-3)
+    (bad,) = geo.predict([groups[0] + groups[1][:1]])
+    assert bad.error and "5 views, but the model fuses at most 4 (its view slots N, E, S, W" in bad.error

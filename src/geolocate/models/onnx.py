@@ -22,14 +22,17 @@ from ..runtime import ort_session
 OPSET = 17
 
 
-def to_onnx_bytes(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str]) -> bytes:
-    """Export ``module`` (eval mode) with a dynamic batch axis on every input and output."""
+def to_onnx_bytes(module: nn.Module, example, input_name, output_names: list[str]) -> bytes:
+    """Export ``module`` (eval mode) with a dynamic batch axis on every input and output; ``example`` and
+    ``input_name`` may be tuples (a module of several inputs)."""
+    examples = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    inputs = list(input_name) if isinstance(input_name, (tuple, list)) else [input_name]
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module.eval(), (example,), buf, input_names=[input_name], output_names=list(output_names),
-            dynamic_axes={input_name: {0: "batch"}, **{n: {0: "batch"} for n in output_names}},
+            module.eval(), examples, buf, input_names=inputs, output_names=list(output_names),
+            dynamic_axes={**{n: {0: "batch"} for n in inputs}, **{n: {0: "batch"} for n in output_names}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     return buf.getvalue()

@@ -8,7 +8,8 @@ decoded input feeds every member); anything else is refused with one line naming
 
 The probabilities are combined by :data:`geolocate.tasks.combine.ENSEMBLE_METHODS` (``average``, ``val-median``
 and ``val-loss`` weighted averages, ``rank`` fusion). The answer point is refined with the first member that has
-a refinement gallery: its features, the ensemble's probabilities.
+a refinement gallery: its features, the ensemble's probabilities; that member's decode-time reranking stages
+(``geolocate.tasks.rerank``) apply to the averaged probabilities, and not to rank fusion's scores.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def load_ensemble(paths: Sequence[str | Path], method: str = "average", **kw):
     engine = EnsembleEngine([m.engine for m in members], method, weights, ref)
     base = members[ref if ref is not None else 0]
     info = dict(base.info)
+    if method == "rank" and (info.get("meta") or {}).get("rerank"):
+        # rank fusion gives rank scores, not probabilities: the member's decode-time reranking does not apply
+        info["meta"] = {k: v for k, v in info["meta"].items() if k != "rerank"}
     info["ensemble"] = {"method": method, "members": [str(p) for p in paths],
                         "weights": None if weights is None else [round(float(w), 6) for w in weights],
                         "refined_with": None if ref is None else str(paths[ref])}

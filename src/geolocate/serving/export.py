@@ -9,6 +9,8 @@ model is detected and rebuilt, and an ``.onnx`` file alone is enough to serve.
 """
 from __future__ import annotations
 
+import base64
+
 import json
 import warnings
 from pathlib import Path
@@ -34,8 +36,10 @@ class ExportError(RuntimeError):
 
 def output_names(model: nn.Module) -> list[str]:
     """The exports' outputs: ``logits`` (calibrated fine log-probabilities), ``probabilities``, the head's own
-    (``point`` for heads that predict a location), ``features``."""
-    return ["logits", "probabilities", *model.head.output_names, "features"]
+    (``point`` for heads that predict a location), ``features`` (what the head reads); a model with a view fusion
+    adds ``view_features`` (the backbone's, per image: what the fusion reads)."""
+    return ["logits", "probabilities", *model.head.output_names, "features",
+            *(["view_features"] if getattr(model, "fusion", None) is not None else [])]
 
 
 class ProbabilityModel(nn.Module):
@@ -46,8 +50,37 @@ class ProbabilityModel(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feats = self.model.head_input(self.model.backbone(x))
-        return (*self.model.head.export_outputs(self.model.head(feats)), feats)
+        raw = self.model.backbone(x)
+        feats = self.model.head_input(raw)
+        extra = (raw,) if self.model.fusion is not None else ()
+        return (*self.model.head.export_outputs(self.model.head(feats)), feats, *extra)
+
+
+class FusionHeadModel(nn.Module):
+    """A fused model's fusion + head: (view features (B, V, F), view mask (B, V), 1 = present) -> the same outputs
+    as :class:`ProbabilityModel` (``features`` = the fused features). The second graph of a fused model's ONNX
+    export: the predictor runs every view through the main graph, then fuses a sample's views here."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, view_features: torch.Tensor, view_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fused = self.model.fusion(view_features, view_mask > 0.5)
+        return (*self.model.head.export_outputs(self.model.head(fused)), fused)
+
+
+FUSION_HEAD_PROP = "geolocate_fusion_head"  # metadata property: the fusion-head graph, base64 ONNX
+FUSION_INPUTS = ("view_features", "view_mask")
+
+
+def fusion_head_onnx(model: nn.Module) -> bytes:
+    """The fusion + head graph of a fused model (dynamic batch; the views are the model's slots)."""
+    from ..models.onnx import to_onnx_bytes
+
+    fusion = model.fusion
+    example = (torch.zeros(2, len(fusion.views), fusion.in_features), torch.ones(2, len(fusion.views)))
+    return to_onnx_bytes(FusionHeadModel(model.eval()), example, FUSION_INPUTS, output_names(model)[:-1])
 
 
 def _example(info: dict, batch: int = 2) -> torch.Tensor:
@@ -62,6 +95,8 @@ def onnx_bytes(model: nn.Module, info: dict, source_sha256: str | None = None) -
     data = to_onnx_bytes(ProbabilityModel(model.eval()), _example(info), INPUT_NAME, output_names(model))
     proto = onnx.load_from_string(data)
     props = {"geolocate_format": ONNX_FORMAT, "geolocate_info": json.dumps(info, separators=(",", ":"))}
+    if getattr(model, "fusion", None) is not None:  # one file: the fusion-head graph travels in the metadata
+        props[FUSION_HEAD_PROP] = base64.b64encode(fusion_head_onnx(model)).decode("ascii")
     if source_sha256:
         props["source_sha256"] = source_sha256
     onnx.helper.set_model_props(proto, props)
@@ -100,7 +135,28 @@ def checked_onnx(model: nn.Module, info: dict, model_path: Path, check: bool = T
     km = point_parity(model, lambda x: engine.run(x)["point"], batch)
     if km > POINT_TOL_KM:
         raise ExportError(f"ONNX export of {model_path}: its answer point differs from PyTorch by {km:.3f} km (> {POINT_TOL_KM:g}); not written")
+    if getattr(model, "fusion", None) is not None:
+        fdiff = fusion_parity(model, engine)
+        if fdiff > PARITY_TOL:
+            raise ExportError(f"ONNX export of {model_path}: its view fusion differs from PyTorch by {fdiff:.2e} "
+                              f"(> {PARITY_TOL:g}); not written")
+        diff = max(diff, fdiff)
     return data, engine, diff
+
+
+@torch.inference_mode()
+def fusion_parity(model: nn.Module, engine, n: int = 5, seed: int = 0) -> float:
+    """max |p_torch - p_onnx| of the fusion-head graph on random view features with every kind of view mask."""
+    fusion = model.fusion
+    g = torch.Generator().manual_seed(seed)
+    v = len(fusion.views)
+    x = torch.randn(n, v, fusion.in_features, generator=g)
+    mask = torch.rand(n, v, generator=g) > 0.4
+    mask[:, 0] |= ~mask.any(1)  # never a sample with no view
+    mask[0] = True
+    ref = model.eval().head.decode(model.head(fusion(x, mask))).probabilities.numpy()
+    other = engine.run_views(x.numpy(), mask.numpy())["probabilities"]
+    return float(np.abs(ref - other).max())
 
 
 def export_torchscript(model_path: str | Path, out: str | Path | None = None, check: bool = True,
@@ -261,6 +317,9 @@ def export_onnx_int8(model_path: str | Path, calibration: list, holdout: list, o
     ref_logits = OnnxEngine(fp32).session.run(["logits"], {INPUT_NAME: x})[0]
     q = onnx.helper
     props = {"geolocate_format": INT8_FORMAT, "geolocate_info": json.dumps(info, separators=(",", ":")), "source_sha256": sha}
+    fusion_head = read_onnx_metadata(fp32).get(FUSION_HEAD_PROP)
+    if fusion_head:  # a fused model's fusion + head stay fp32 (a small graph over pooled features)
+        props[FUSION_HEAD_PROP] = fusion_head
     q.set_model_props(proto, props)
     data = proto.SerializeToString()
     q_logits = OnnxEngine(data).session.run(["logits"], {INPUT_NAME: x})[0]

@@ -115,6 +115,9 @@ class Geolocator:
         self.class_lon = np.array([c["lon"] for c in self.classes])
         self.preprocess = model.preprocess if model is not None else Preprocess.from_dict(info["preprocess"])
         self._warned: set[str] = set()
+        fusion = (info.get("fusion_kwargs") or {}) if info.get("fusion") else {}
+        # a fused model's view slots: a multi-view sample is fused by the model's own fusion (when its engine can)
+        self.fusion_slots = list(fusion.get("views") or []) if getattr(engine, "has_views", False) else []
         self.gallery, self.refine_params = self._load_gallery()
         from .confidence import Confidence
 
@@ -321,11 +324,18 @@ class Geolocator:
         known = [p for a, p in parts if a is not None and p.true_lat is not None]
         if known:  # the given truth, else the first view with EXIF GPS
             pred.true_lat, pred.true_lon = known[0].true_lat, known[0].true_lon
-        arrays = [x for a, _ in parts if a is not None for x in (a if isinstance(a, list) else [a])]  # TTA: views of views
+        arrays = ViewArrays(x for a, _ in parts if a is not None for x in (a if isinstance(a, list) else [a]))  # TTA: views of views
+        arrays.slots = [i for i, (a, _) in enumerate(parts) if a is not None]   # each decoded view's place in the sample
+        arrays.firsts = [a[0] if isinstance(a, list) else a for a, _ in parts if a is not None]  # without TTA's extra views
+        arrays.given = len(items)
         if not items:
             pred.error = f"{label or '<sample>'}: a sample with no views"
         elif not arrays:
             pred.error = f"{label}: none of its {len(items)} views can be used ({'; '.join(pred.dropped)})"
+        elif self.fusion_slots and len(items) > len(self.fusion_slots):
+            pred.error = (f"{label}: {len(items)} views, but the model fuses at most {len(self.fusion_slots)} "
+                          f"(its view slots {', '.join(self.fusion_slots)}, in that order)")
+            return None, pred
         return arrays or None, pred
 
     def predict_one(self, item: SampleInput, top_k: int = 5, name: str | Sequence[str | None] | None = None,
@@ -391,17 +401,20 @@ class Geolocator:
         idx = [i for i, (a, _) in enumerate(buf) if a is not None]
         if not idx:
             return [], None, None, None
+        if self.fusion_slots and any(isinstance(buf[i][0], ViewArrays) for i in idx):
+            try:
+                return (idx, *self._fused_evidence([buf[i][0] for i in idx]))
+            except Exception as e:  # noqa: BLE001 - as below: one by one, each failure its sample's error
+                if len(idx) > 1:
+                    return self._one_by_one(buf, idx)
+                buf[idx[0]][1].error = f"{buf[idx[0]][1].source}: inference failed ({one_line(e)})"
+                return [], None, None, None
         groups = [[buf[i][0]] if isinstance(buf[i][0], np.ndarray) else list(buf[i][0]) for i in idx]
         try:
             probs, feats, points = self._forward([v for g in groups for v in g])
         except Exception as e:  # noqa: BLE001 - one bad input must not sink the batch: run them one by one
             if len(idx) > 1:
-                parts = [(i, self._evidence([buf[i]])) for i in idx]
-                ok = [(i, r) for i, r in parts if r[0]]
-                if not ok:
-                    return [], None, None, None
-                cat = lambda k: None if ok[0][1][k] is None else np.concatenate([r[k] for _, r in ok])  # noqa: E731
-                return [i for i, _ in ok], cat(1), cat(2), cat(3)
+                return self._one_by_one(buf, idx)
             buf[idx[0]][1].error = f"{buf[idx[0]][1].source}: inference failed ({one_line(e)})"
             return [], None, None, None
         if any(len(g) > 1 for g in groups):
@@ -415,6 +428,37 @@ class Geolocator:
             if points is not None:
                 points = np.stack([mean_points(points[s:e]) for s, e in spans])
         return idx, probs, feats, points
+
+    def _one_by_one(self, buf: list[tuple], idx: list[int]):
+        """:meth:`_evidence` of each sample alone (after a batch failed): the failures become their samples' errors."""
+        parts = [(i, self._evidence([buf[i]])) for i in idx]
+        ok = [(i, r) for i, r in parts if r[0]]
+        if not ok:
+            return [], None, None, None
+        cat = lambda k: None if ok[0][1][k] is None else np.concatenate([r[k] for _, r in ok])  # noqa: E731
+        return [i for i, _ in ok], cat(1), cat(2), cat(3)
+
+    def _fused_evidence(self, samples: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """A fused model's (probabilities, features, points) of samples (single arrays or :class:`ViewArrays`): every
+        view through the backbone once, each sample's views placed in their slots (the order they were given) and
+        fused by the model's own fusion, then its head. TTA's extra views are not fused (warned once)."""
+        views = [[x] if isinstance(x, np.ndarray) else list(x.firsts) for x in samples]
+        if self.tta and any(isinstance(x, ViewArrays) and len(x) != len(x.firsts) for x in samples):
+            self._warn_once("test-time augmentation is not applied to a fused multi-view sample: its views are fused as given")
+        out = self.engine.run(np.stack([v for vs in views for v in vs]))
+        raw = out["view_features"]
+        slots = len(self.fusion_slots)
+        vf = np.zeros((len(samples), slots, raw.shape[1]), np.float32)
+        mask = np.zeros((len(samples), slots), bool)
+        pos = 0
+        for j, (x, vs) in enumerate(zip(samples, views)):
+            where = [0] if isinstance(x, np.ndarray) else x.slots
+            vf[j, where] = raw[pos:pos + len(vs)]
+            mask[j, where] = True
+            pos += len(vs)
+        fused = self.engine.run_views(vf, mask)
+        wants = self.gallery is not None or self.confidence.needs_features
+        return fused["probabilities"], fused.get("features") if wants else None, fused.get("point")
 
     def _answer(self, preds: list[Prediction], probs: np.ndarray, feats: np.ndarray | None, top_k: int,
                 regressed: np.ndarray | None = None) -> list[Prediction]:
@@ -542,6 +586,15 @@ class Geolocator:
                           combiner_params: Mapping | None = None) -> list[SequencePrediction]:
         """``predict_sequences({"drive-1": [f1, f2, ...], ...})``: see :meth:`predict_sequences_iter`."""
         return list(self.predict_sequences_iter(sequences, top_k, batch_size, combiner, combiner_params))
+
+
+class ViewArrays(list):
+    """The decoded views of one multi-view sample (TTA's views of each view included), with ``slots`` (the place
+    of each decoded view among the sample's given views), ``firsts`` (each decoded view without TTA's extra
+    views) and ``given`` (how many views the sample had)."""
+    slots: list[int]
+    firsts: list[np.ndarray]
+    given: int
 
 
 def _check_positive(name: str, value: object) -> None:
