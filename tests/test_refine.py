@@ -161,3 +161,30 @@ def test_a_bad_gallery_warns_and_answers_with_cell_anchors(refined_run, photos_d
         assert p.point == "cell" and (p.lat, p.lon) == (p.top[0].lat, p.top[0].lon)
         err = capsys.readouterr().err + capsys.readouterr().out
         assert "answering with cell anchors" in err
+
+
+def test_a_regressed_point_is_used_only_where_it_beats_the_anchor_on_validation(trained_copy, photos_dir):
+    """A gps head (cell + coordinate regression): the run keeps its regressed point only if it beats the top cell's
+    anchor on validation, records that, and the predictor follows the record."""
+    import json
+
+    from geolocate.runs.experiment import run_experiment
+    from geolocate.serving import Geolocator
+
+    cfg, _, _ = trained_copy
+    cfg.model.head, cfg.eval.refine, cfg.eval.rerank = "gps", "off", []
+    run_dir = run_experiment(cfg)
+    s = json.loads((run_dir / "summary.json").read_text())
+    abl = s["answer_point"]["ablation"]
+    wins = abl["head_point"]["val"]["median_km"] < abl["cell_anchor"]["val"]["median_km"]
+    assert s["answer_point"]["head_point"] == wins
+    assert s["metrics"]["val"] == abl["head_point" if wins else "cell_anchor"]["val"]
+    files = sorted(photos_dir.glob("*.jpg"))[:3]
+    geo = Geolocator.from_pretrained(run_dir / "checkpoints" / "model.pt", engine="torch")
+    assert geo.info["meta"]["use_head_point"] == wins
+    for flag in (True, False):
+        geo.info = {**geo.info, "meta": {**geo.info["meta"], "use_head_point": flag}}
+        for p in geo.predict(files):
+            assert p.point == ("regressed" if flag else "cell")
+            if not flag:
+                assert (p.lat, p.lon) == (p.top[0].lat, p.top[0].lon)

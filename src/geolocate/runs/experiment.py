@@ -210,18 +210,26 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     for name, s in (("val", val), ("test", test)):
         if len(s):
             split_probs[name], split_points[name] = decode_split(head, s.feats, class_lat, class_lon)
+    head_points = dict(split_points)  # the head's own points (its regressed ones, or the top cells' anchors)
+    # a head that regresses a point answers with it only where it beats the top cell's anchor on validation
+    use_head_point = bool(head.has_point) and ("val" not in split_probs or metric("median_km").better(
+        _median_km(val, split_points["val"]), _median_km(val, _anchors(split_probs["val"], class_lat, class_lon))))
+    if head.has_point and not use_head_point:
+        split_points = {n: _anchors(p, class_lat, class_lon) for n, p in split_probs.items()}
+        console.print("answer point: the top cell's anchor (the head's regressed point loses to it on validation)",
+                      markup=False, highlight=False)
     gallery = (build_gallery(train, backbone.cache_name, n_cls)
                if len(val) and (cfg.eval.refine != "off" or "feature" in cfg.eval.rerank) else None)
     # the answer: the head's probabilities (or reranked ones), its point (or a refined one), all chosen on validation
     answers = {"plain": Answer(dict(split_probs), dict(split_points), choose_refinement(cfg, gallery, val, split_probs.get("val"),
                                                                             split_points.get("val"), class_lat, class_lon))}
     reranking = choose_rerank(cfg, train_counts, gallery, val, split_probs.get("val"), split_points.get("val"), class_lat,
-                              class_lon, head.has_point)
+                              class_lon, use_head_point)
     rerank_ctx = lambda s: RerankContext(class_lat, class_lon, train_counts, gallery, s.feats.numpy())  # noqa: E731
     if reranking is not None and reranking.stages:
         rr_probs = {n: apply_reranking(reranking.stages, p, rerank_ctx(val if n == "val" else test)) for n, p in split_probs.items()}
         rr_points = {n: answer_points(split_probs[n], rr_probs[n], rerank_ctx(val if n == "val" else test),
-                                      split_points[n] if head.has_point else None)
+                                      split_points[n] if use_head_point else None)
                      for n in split_probs}
         answers["reranked"] = Answer(rr_probs, rr_points, choose_refinement(cfg, gallery, val, rr_probs.get("val"),
                                                                             rr_points.get("val"), class_lat, class_lon))
@@ -245,7 +253,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         pred = probs.argmax(1)
         ablation["cell_anchor"][name] = evaluate(probs, y, la, lo, class_lat[pred], class_lon[pred], regions=regions)
         if head.has_point:
-            ablation["head_point"][name] = evaluate(probs, y, la, lo, *split_points[name], regions=regions)
+            ablation["head_point"][name] = evaluate(probs, y, la, lo, *head_points[name], regions=regions)
         refined = {}  # answer -> its refined points on this split
         for key, ans in answers.items():
             if key == "reranked":
@@ -257,7 +265,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         for k, st in (reranking.alone.items() if reranking else ()):  # each stage alone at its best grid point
             p1 = apply_reranking([st], probs, rerank_ctx(s))
             ablation[f"rerank_{k}"][name] = evaluate(p1, y, la, lo, *answer_points(probs, p1, rerank_ctx(s),
-                                                     split_points[name] if head.has_point else None), regions=regions)
+                                                     split_points[name] if use_head_point else None), regions=regions)
         ans = answers[chosen]
         probs, (pt_lat, pt_lon) = ans.probs[name], ans.points[name]
         split_probs[name] = probs  # what the confidence tools (calibration sets, selective, regions) read
@@ -265,7 +273,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         if shipped:
             pt_lat, pt_lon = refined[chosen]
         metrics[name] = (ablation["reranked_refined" if reranked else "refined"] if shipped
-                         else ablation["reranked"] if reranked else ablation["head_point" if head.has_point else "cell_anchor"])[name]
+                         else ablation["reranked"] if reranked else ablation["head_point" if use_head_point else "cell_anchor"])[name]
         sc, prior_lat, prior_lon = prior_predict(train.labels.numpy(), n_cls, len(s), class_lat, class_lon)
         baselines["prior"][name] = evaluate(sc, y, la, lo, prior_lat, prior_lon, regions=regions)
         sc, pla, plo = knn_predict(as_array(train.feats), train.labels.numpy(), train.lat.numpy(), train.lon.numpy(),
@@ -301,6 +309,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     model_path = run_dir / "checkpoints" / "model.pt"
     backbone_trained = finetune_epochs > 0 or partial
     meta = {"run_id": run_id, "metrics": {"test": metrics["test"], "val": metrics["val"]}, "dataset_fingerprint": stats["fingerprint"],
+            "use_head_point": use_head_point,  # the predictor ignores a regressed point that lost to the anchors
             "sources": stats.get("sources", {}), "images": stats["images"],
             "best_val_loss": ((state.get("stopper") or {}).get("best_row") or {}).get("val_loss")}  # ensembles weigh members by it
     uses_gallery = shipped or (reranked and any(st.name == "feature" for st in reranking.stages))
@@ -356,7 +365,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
         "baselines": baselines,
         "calibration": calibration,
         **confidence,  # conformal, selective, ood, regions
-        "answer_point": {"refined": shipped, "head_point": bool(head.has_point),
+        "answer_point": {"refined": shipped, "head_point": use_head_point,
                          "params": candidate.params.to_dict() if shipped else None,
                          "reranked": reranked, "rerank": None if reranking is None else reranking.to_dict(),
                          "ablation": {k: v for k, v in ablation.items() if v}},
@@ -513,6 +522,15 @@ def refined_points(candidate: Refinement, feats: np.ndarray, probs: np.ndarray, 
     """Refined answers; where no gallery item lies in the top cells, the head's own point is kept."""
     r_lat, r_lon, _ = refine(candidate.gallery, feats, probs, candidate.params, fallback=(pt_lat, pt_lon))
     return r_lat, r_lon
+
+
+def _anchors(probs: np.ndarray, class_lat: np.ndarray, class_lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    top = probs.argmax(1)
+    return class_lat[top].astype(np.float64), class_lon[top].astype(np.float64)
+
+
+def _median_km(split: Split, points: tuple[np.ndarray, np.ndarray]) -> float:
+    return float(np.median(haversine_km(split.lat.numpy(), split.lon.numpy(), *points)))
 
 
 def decode_split(head, feats: torch.Tensor, class_lat: np.ndarray, class_lon: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:

@@ -464,6 +464,8 @@ class Geolocator:
                 regressed: np.ndarray | None = None) -> list[Prediction]:
         """Fill each Prediction from its row of probabilities (features: the refined answer point and the OOD score;
         ``regressed``: the head's own point)."""
+        if regressed is not None and not (self.info.get("meta") or {}).get("use_head_point", True):
+            regressed = None  # the head's regressed point lost to the top cell's anchor on validation
         before = probs
         probs = self._rerank(probs, feats)
         if regressed is not None:  # the head regressed its top cell's point: where reranking changed the top cell, no point
