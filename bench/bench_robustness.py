@@ -54,22 +54,27 @@ from geolocate.io import write_json  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "robustness.json"
 def variants(copies: int, partial_blocks: int = 1, partial_epochs: int = 4) -> dict[str, dict[str, object]]:
     """variant -> its config overrides (every other key: the config's)."""
+    plain = {"model.head": "linear", "eval.rerank": [], "eval.refine": "off"}  # the head's own answer, as measured first
     return {
-        "frozen_linear": {"augment.copies": 0},
-        "augmented": {"augment.copies": copies},
+        "frozen_linear": {**plain, "augment.copies": 0},
+        "augmented": {**plain, "augment.copies": copies},
         # the last ``partial_blocks`` backbone blocks + the linear head over cached trunk activations, ``copies``
         # augmented copies of every training image (the frozen head is trained first, on the clean embeddings)
-        "partial_finetune": {"augment.copies": 0, "train.partial_blocks": partial_blocks, "train.partial_epochs": partial_epochs,
-                             "train.partial_copies": copies},
+        "partial_finetune": {**plain, "augment.copies": 0, "train.partial_blocks": partial_blocks,
+                             "train.partial_epochs": partial_epochs, "train.partial_copies": copies},
         # the GeoCLIP-style head on the frozen embeddings (no augmented copies)
-        "location_encoder": {"augment.copies": 0, "model.head": "location_encoder"},
+        "location_encoder": {**plain, "augment.copies": 0, "model.head": "location_encoder"},
+        # the winners on validation: the config's own head and decode-time steps (demo: gps + reranking +
+        # refinement, chosen by the geo ablation) with the augmented copies (they beat none on validation, above),
+        # scored as the predictor answers (Geolocator.answer_outputs)
+        "best": {"augment.copies": copies},
     }
 
 
 def apply(cfg, overrides: dict) -> None:
     for key, value in overrides.items():
         section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
+        setattr(getattr(cfg, section), name, copy.deepcopy(value))
 
 
 SHIFTS = ("none", "brightness_1.1", "brightness_0.9", "blur_1", "half_resolution", "heldout_rendering")
@@ -103,7 +108,8 @@ def imagery_of(credit: str) -> str:
 def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all: float) -> dict:
     """The results file from the rows so far (written after every run, so an interrupted bench keeps its runs)."""
     summary = []
-    for variant, predictor, split, shift in itertools.product(chosen, ("model", "knn", "prior"), ("val", "test"), SHIFTS):
+    for variant, predictor, split, shift in itertools.product(dict.fromkeys(r["variant"] for r in rows),
+                                                              ("model", "knn", "prior"), ("val", "test"), SHIFTS):
         sel = [r for r in rows if r["variant"] == variant and r["predictor"] == predictor and r["split"] == split
                and r["shift"] == shift]
         if not sel:
@@ -115,18 +121,26 @@ def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all:
                         "median_km": f"{med.mean():,.0f} ± {med.std():,.0f}",
                         "top1": f"{100 * top1.mean():.1f} ± {100 * top1.std():.1f} %",
                         "geoscore": f"{gs.mean():,.0f} ± {gs.std():,.0f}"})
+    ratios: dict = {}  # each shift's mean median over the unshifted one (targets for best: photometric <= 1.15x, heldout <= 2x)
+    for r in rows:
+        if r["predictor"] == "model":
+            ratios.setdefault(r["variant"], {}).setdefault(r["split"], {}).setdefault(r["shift"], []).append(r["median_km"])
+    ratios = {v: {sp: {sh: round(float(np.mean(m)) / float(np.mean(per["none"])), 3) for sh, m in per.items() if sh != "none"}
+                  for sp, per in by.items() if "none" in per} for v, by in ratios.items()}
     result = {
         "benchmark": "robustness",
         "what": f"{args.config.name} at {args.count} Earth patches, seeds {args.seeds}; variants: frozen_linear (frozen backbone + "
                 f"linear head, augment.copies=0), augmented (augment.copies={args.copies}, the config's strengths), partial_finetune "
                 f"(then the last {args.partial_blocks} backbone block(s) + head for {args.partial_epochs} epochs over cached trunk "
                 f"activations with {args.copies} augmented copies), location_encoder (GeoCLIP-style head on the frozen embeddings, "
-                f"answer = its gallery point); val/test images re-cut under each shift, heldout_rendering = "
+                f"answer = its gallery point), best (the config's own head, reranking and refinement, augment.copies={args.copies}, "
+                f"scored as the predictor answers); val/test images re-cut under each shift, heldout_rendering = "
                 f"{base.source.earth.heldout_imagery}; kNN always on the frozen embeddings; mean ± std over seeds",
         "variants": {k: v for k, v in chosen.items()},
         "augment": {k: v for k, v in base.to_dict()["augment"].items() if k != "copies"} | {"copies": args.copies},
         "run_s": {v: [round(t, 1) for t in ts] for v, ts in run_s.items()},  # per seed; the first of a variant pays its embeddings
         "total_s": round(time.perf_counter() - t_all, 1),
+        "ratios_to_unshifted": ratios,
         "summary": summary,
         "rows": rows,
     }
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (default: all)")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", action="store_true", help="keep the other variants' rows of --out (same data and seeds)")
     args = ap.parse_args(argv)
     import polars as pl
     import torch
@@ -151,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     from geolocate.index import load_index
     from geolocate.models import create_backbone, load_model
     from geolocate.runs.experiment import run_experiment
+    from geolocate.serving import Geolocator
     from geolocate.training.embeddings import cached_embeddings, embed_paths
     from geolocate.training.partial import TailModel, cached_activations, tail_features
 
@@ -163,6 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in args.variants}
     run_s: dict[str, list[float]] = {v: [] for v in chosen}
+    reported = dict(chosen)  # the variants the results file describes (with --merge: the earlier ones too)
+    if args.merge and args.out.is_file():  # the other variants' rows (and their run times) of an earlier run
+        old = json.loads(args.out.read_text())
+        rows = [r for r in old["rows"] if r["variant"] not in chosen]
+        run_s = {k: v for k, v in old.get("run_s", {}).items() if k not in chosen} | run_s
+        reported = {k: v for k, v in old.get("variants", {}).items() if k not in chosen} | chosen
     with tempfile.TemporaryDirectory(prefix="bench-robustness-") as tmp_s:
         tmp = Path(tmp_s)
         cfg = workspace_config(args.config, tmp, args.count)
@@ -219,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             run_s[variant].append(time.perf_counter() - t_run)
             model, _ = load_model(run_dir / "checkpoints" / "model.pt")
             model.eval()
+            geo = Geolocator.from_pretrained(run_dir / "checkpoints" / "model.pt", engine="torch") if variant == "best" else None
             for split in ("val", "test"):
                 part = df.filter(pl.col("split") == split)
                 y, la, lo = part["label"].to_numpy(), part["lat"].to_numpy(), part["lon"].to_numpy()
@@ -236,6 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
                     # the head's answer point (location_encoder: its gallery), else the top class's anchor
                     pt = (dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy()) if dec.point is not None \
                         else (class_lat[pred], class_lon[pred])
+                    if geo is not None:  # as shipped: reranking, refinement from the gallery (chosen on validation)
+                        got = geo.answer_outputs(probs, feats_x.numpy(), None if dec.point is None else dec.point.double().numpy(),
+                                                 truths=list(zip(la, lo)), top_k=5)
+                        pt = (np.array([g.lat for g in got]), np.array([g.lon for g in got]))
+                        cell_index = {c["cell"]: i for i, c in enumerate(labels["classes"])}
+                        probs = np.zeros_like(probs)  # the answer's ranked cells (for top-1 accuracy)
+                        for i, g in enumerate(got):
+                            for c in g.top:
+                                probs[i, cell_index[c.cell]] = c.probability
                     results = {"model": evaluate(probs, y, la, lo, *pt, countries=False)}
                     sc, pla, plo = knn_predict(tr_feats, tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)
                     results["knn"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
@@ -245,10 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
                         rows.append({"variant": variant, "predictor": predictor, "seed": seed, "shift": shift,
                                      "split": split, "n": int(m["n"]), "median_km": round(m["median_km"], 1),
                                      "top1_acc": round(m["top1_acc"], 4), "geoscore": round(m["geoscore"], 1)})
-            write_json(args.out, build_result(args, rows, chosen, base, run_s, t_all) | {"complete": False})
+            write_json(args.out, build_result(args, rows, reported, base, run_s, t_all) | {"complete": False})
             print(f"{variant} seed {seed}: test median {json.loads((run_dir / 'summary.json').read_text())['metrics']['test']['median_km']:.0f} km", flush=True)
 
-    result = build_result(args, rows, chosen, base, run_s, t_all) | {"complete": True}
+    result = build_result(args, rows, reported, base, run_s, t_all) | {"complete": True}
     write_json(args.out, result)
     print("\n| variant | predictor | split | shift | median km | top-1 | GeoScore |\n|---|---|---|---|---:|---:|---:|")
     for s in result["summary"]:

@@ -23,7 +23,7 @@ def test_every_stage_keeps_rows_distributions_and_the_mass_outside_its_cells():
                       np.arange(10) % 5, "f", 5)
     ctx = _ctx(counts=np.array([1, 50, 20, 5, 3]), gallery=g, feats=rng.normal(size=(20, 4)))
     for name in RERANKERS:
-        for params in RERANKERS[name].grid[:3]:
+        for params in RERANKERS[name].grid[:3] or ({"t": 0.5}, {"t": 2.0}):
             out = RERANKERS[name].apply(p, ctx, None, **params)
             assert out.shape == p.shape and np.all(out >= 0)
             np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-12)
@@ -112,7 +112,7 @@ def test_feature_stage_needs_a_gallery_and_unknown_names_list_the_known_ones():
     np.testing.assert_array_equal(out, p)
     assert "needs gallery" in skipped[0]
     assert "feature" not in choose_reranking(p, _ctx(), LAT[:1], LON[:1]).alone  # not available: not tried
-    with pytest.raises(KeyError, match="choose one of feature, prior, smooth"):
+    with pytest.raises(KeyError, match="choose one of feature, prior, smooth, temperature"):
         choose_reranking(p, _ctx(), LAT[:1], LON[:1], order=("prior", "nope"))
 
 
@@ -168,3 +168,42 @@ def test_the_predictor_applies_the_models_stages_to_its_probabilities(rerank_run
         assert [c.cell for c in p.top] == [geo.classes[i]["cell"] for i in order]
         np.testing.assert_allclose([c.probability for c in p.top], w[order], rtol=1e-5, atol=1e-7)
     assert geo.model_card()["rerank"] == stages
+
+
+def test_answer_outputs_is_the_predictors_own_answer(rerank_run, photos_dir):
+    """Outputs computed elsewhere go through the same decode-time steps as predict (benchmarks score shifted images so)."""
+    from geolocate.serving import Geolocator
+
+    _, _, model_path = rerank_run
+    files = sorted(photos_dir.glob("*.jpg"))[:5]
+    geo = Geolocator.from_pretrained(model_path, engine="torch")
+    truths = [(10.0, 20.0)] * len(files)
+    want = geo.predict(files, truths=truths)
+    out = geo.engine.run(np.stack([geo._prepare(f, None)[0] for f in files]))
+    got = geo.answer_outputs(out["probabilities"], out["features"], out.get("point"), truths=truths)
+    for a, b in zip(got, want):
+        assert [c.cell for c in a.top] == [c.cell for c in b.top]
+        assert (a.lat, a.lon, a.point, a.place) == (b.lat, b.lon, b.point, b.place)
+        assert a.error_km == pytest.approx(b.error_km)
+
+
+def test_the_temperature_stage_keeps_the_ranking_and_sharpens_or_flattens():
+    p = np.array([[0.5, 0.3, 0.2, 0.0, 0.0]])
+    sharp, flat = (RERANKERS["temperature"].apply(p, _ctx(), t=t) for t in (0.5, 2.0))
+    for q in (sharp, flat):
+        assert list(np.argsort(-q[0])[:3]) == [0, 1, 2] and q[0, 3:].sum() == 0
+    assert sharp[0, 0] > 0.5 > flat[0, 0]
+    with pytest.raises(ValueError, match="not chosen from a grid"):
+        choose_reranking(p, _ctx(), LAT[:1], LON[:1], order=("temperature",))
+
+
+def test_a_kept_chain_ends_with_a_temperature_and_the_answer_stays_calibrated(rerank_run):
+    import json
+
+    _, run_dir, _ = rerank_run
+    s = json.loads((run_dir / "summary.json").read_text())
+    stages = s["answer_point"]["rerank"]["stages"]
+    if any(st["name"] != "temperature" for st in stages):
+        assert stages[-1]["name"] == "temperature" and stages[-1]["params"]["t"] == s["calibration"]["answer_temperature"]
+    else:
+        assert stages == []

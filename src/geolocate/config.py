@@ -313,9 +313,10 @@ class Config:
             (self.eval.conformal_score in ("aps", "lac"), f"eval.conformal_score must be 'aps' or 'lac', got {self.eval.conformal_score!r}"),
             (0 < self.eval.ood_quantile <= 1, f"eval.ood_quantile must be in (0, 1], got {self.eval.ood_quantile}"),
             (self.eval.ood_neighbours >= 1, f"eval.ood_neighbours must be >= 1, got {self.eval.ood_neighbours}"),
-            (isinstance(self.eval.rerank, list) and all(r in RERANKERS for r in self.eval.rerank)
+            (isinstance(self.eval.rerank, list) and all(r in RERANKERS and RERANKERS[r].grid for r in self.eval.rerank)
              and len(set(self.eval.rerank)) == len(self.eval.rerank),
-             f"eval.rerank must be a list of distinct stages from {RERANKERS.names()}, got {self.eval.rerank!r}"),
+             f"eval.rerank must be a list of distinct stages from {[n for n in RERANKERS.names() if RERANKERS[n].grid]}, "
+             f"got {self.eval.rerank!r}"),
             (self.eval.calibration_objective in ("nll", "top1"),
              f"eval.calibration_objective must be 'nll' or 'top1', got {self.eval.calibration_objective!r}"),
             (self.eval.refine in ("auto", "always", "off"), f"eval.refine must be auto, always or off, got {self.eval.refine!r}"),

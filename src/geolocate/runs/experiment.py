@@ -35,7 +35,7 @@ from ..training.embeddings import cached_embedding_view
 from ..training.precision import Precision
 from ..training.store import FeatureView
 from ..tasks.refine import Gallery, RefineParams, choose_params, gallery_path, refine
-from ..tasks.rerank import Reranking, RerankContext, answer_points, apply_reranking, choose_reranking
+from ..tasks.rerank import Reranking, RerankContext, Stage, answer_points, apply_reranking, choose_reranking
 from ..evaluation.regions import RegionSpace
 from ..training.augment import augment_for, image_batch, with_augmented_copies
 from ..training.dataset import fused_features, group_views, select_views
@@ -226,6 +226,15 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     reranking = choose_rerank(cfg, train_counts, gallery, val, split_probs.get("val"), split_points.get("val"), class_lat,
                               class_lon, use_head_point)
     rerank_ctx = lambda s: RerankContext(class_lat, class_lon, train_counts, gallery, s.feats.numpy())  # noqa: E731
+    if reranking is not None and reranking.stages and calibration.get("fitted"):
+        # reranking moves probability mass: the chain ends with a temperature fit on validation, as the head's was
+        from ..evaluation.calibration import fit_temperature
+
+        rr_val = apply_reranking(reranking.stages, split_probs["val"], rerank_ctx(val))
+        t_answer = fit_temperature(np.log(np.clip(rr_val, 1e-300, None)), val.labels.numpy(),
+                                   objective=cfg.eval.calibration_objective)
+        reranking.stages.append(Stage("temperature", {"t": round(t_answer, 4)}))
+        calibration["answer_temperature"] = round(t_answer, 4)
     if reranking is not None and reranking.stages:
         rr_probs = {n: apply_reranking(reranking.stages, p, rerank_ctx(val if n == "val" else test)) for n, p in split_probs.items()}
         rr_points = {n: answer_points(split_probs[n], rr_probs[n], rerank_ctx(val if n == "val" else test),

@@ -491,6 +491,21 @@ class Geolocator:
         la, lo, idx = refine(self.gallery, np.nan_to_num(feats), safe, self.refine_params, self.class_lat, self.class_lon)
         return list(zip(la.tolist(), lo.tolist(), idx.tolist()))
 
+    def answer_outputs(self, probs: np.ndarray, features: np.ndarray | None = None, points: np.ndarray | None = None,
+                       truths: Sequence[tuple[float, float] | None] | None = None, top_k: int = 5,
+                       names: Sequence[str] | None = None) -> list[Prediction]:
+        """Predictions from model outputs computed elsewhere (a benchmark that embeds shifted images itself, say):
+        the head's calibrated probabilities (N, C), the features it read (N, F) and its own points (N, 2), through
+        exactly the decode-time steps :meth:`predict` applies (reranking, refinement, confidence, place names)."""
+        _check_positive("top_k", top_k)
+        probs = np.asarray(probs, np.float64)
+        preds = [Prediction(source=names[i] if names else f"row {i}") for i in range(len(probs))]
+        for p, t in zip(preds, truths if truths is not None else itertools.repeat(None)):
+            if t is not None:
+                p.true_lat, p.true_lon = t
+        return self._answer(preds, probs, None if features is None else np.asarray(features, np.float32), top_k,
+                            None if points is None else np.asarray(points, np.float64))
+
     def predict_iter(self, images: Iterable[SampleInput], top_k: int = 5, batch_size: int = 32,
                      truths: Sequence[tuple[float, float] | None] | None = None) -> Iterator[Prediction]:
         """Stream predictions in input order (an input that is a list of images is one multi-view sample).

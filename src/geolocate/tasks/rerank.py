@@ -13,6 +13,8 @@ anchor or refined point, the conformal set) is then read from the reranked ones.
   below ``gate`` (the uncertain ones, where the tail errors come from), ``p'(c) ∝ p(c) · exp(beta · s(c))`` with
   ``s(c)`` the highest cosine similarity between the query embedding and the training gallery items of cell ``c``
   (the same gallery refinement uses), rescaled to the top-k mass. Confident queries are left alone.
+- ``temperature``: appended to a kept chain, ``softmax(log p / t)`` with ``t`` fit on validation, so the confidence
+  the reranked answer reports stays calibrated (ranking unchanged).
 
 Choice (:func:`choose_reranking`, validation only): the stages run greedily in order. ``prior`` and ``smooth``
 are kept with the grid point of lowest validation median when it beats the current one by more than
@@ -143,6 +145,22 @@ class FeatureRerank(Reranker):
         return np.where(gated[:, None], out, probs)
 
 
+@RERANKERS.register("temperature")
+class TemperatureRerank(Reranker):
+    """Not chosen from a grid: appended to a kept chain with ``t`` fit on validation (the run's calibration
+    objective), because reranking moves probability mass and with it the confidence the answer reports.
+    ``p' = softmax(log p / t)``: the ranking never changes."""
+    grid = ()
+
+    @classmethod
+    def apply(cls, probs, ctx, state=None, t: float = 1.0):
+        z = np.log(np.clip(probs, 1e-300, None)) / float(t)
+        z = np.where(probs > 0, z, -np.inf)  # a cell with no mass keeps none
+        z = z - z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+
+
 def cell_similarity(gallery: Gallery, feats: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(``top``, the highest cosine similarity of each query to the gallery items of each of its ``top`` cells;
     -inf where a cell has none), searched cell by cell (:func:`geolocate.tasks.refine.cell_blocks`)."""
@@ -233,7 +251,8 @@ def choose_reranking(probs: np.ndarray, ctx: RerankContext, true_lat: np.ndarray
     ``probs``, ``ctx.feats`` and the truths are the **validation** split's. Stages whose inputs are missing
     are left out."""
     for name in order:
-        RERANKERS.get_class(name)  # an unknown name lists the known ones
+        if not RERANKERS.get_class(name).grid:  # an unknown name lists the known ones
+            raise ValueError(f"reranking stage {name!r} is not chosen from a grid (it is fit after the chain)")
     probs = np.asarray(probs, np.float64)
     base = _errors(probs, probs, ctx, true_lat, true_lon, head_points)
     cur_p, cur = probs, base
