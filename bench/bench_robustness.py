@@ -17,7 +17,12 @@ again from its imagery the way the earth source cuts it, with one shift at a tim
 Two more variants: ``partial_finetune`` (after the frozen head, the last ``--partial-blocks`` backbone blocks +
 the head trained ``--partial-epochs`` epochs over cached trunk activations with ``--copies`` augmented copies per
 training image; shifted images go through the same frozen trunk, then each seed's trained tail) and
-``location_encoder`` (the GeoCLIP-style head, scored with its own answer point from its gallery).
+``location_encoder`` (the GeoCLIP-style head, scored with its own answer point from its gallery). These four pin
+the linear (or location) head without reranking or refinement, as first measured. ``best`` is the config's own
+recipe (the demo's: the gps head, decode-time reranking and refinement, chosen on validation by the geo ablation)
+with ``--copies`` augmented copies (``augmented`` beat ``frozen_linear`` on validation), scored as the predictor
+answers (``Geolocator.answer_outputs``: reranking, refinement from the run's gallery). ``--merge`` keeps the
+other variants' rows of ``--out`` (same data, same seeds), so one variant can be added or rerun alone.
 
 Model, kNN (k=1 on the same frozen embeddings of the shifted images, whatever the variant) and prior are scored
 on each. Writes
@@ -25,7 +30,8 @@ on each. Writes
 "median_km", "top1_acc", "geoscore"}`` and a ``summary`` of mean ± std over seeds.
 
     python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--copies 2] [--partial-blocks 1] [--partial-epochs 4]
-                                     [--variants frozen_linear augmented partial_finetune location_encoder] [--config configs/demo.yaml]
+                                     [--variants frozen_linear augmented partial_finetune location_encoder best] [--merge]
+                                     [--config configs/demo.yaml]
 """
 from __future__ import annotations
 
