@@ -154,11 +154,11 @@ class TemperatureRerank(Reranker):
 
     @classmethod
     def apply(cls, probs, ctx, state=None, t: float = 1.0):
-        z = np.log(np.clip(probs, 1e-300, None)) / float(t)
-        z = np.where(probs > 0, z, -np.inf)  # a cell with no mass keeps none
-        z = z - z.max(1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(1, keepdims=True)
+        alive = (probs > 0).any(1, keepdims=True)  # a row with no mass at all (a failed input) is left as it is
+        z = np.where(probs > 0, np.log(np.clip(probs, 1e-300, None)) / float(t), -np.inf)  # no mass stays none
+        z = np.where(alive, z, 0.0)
+        e = np.exp(z - z.max(1, keepdims=True))
+        return np.where(alive, e / e.sum(1, keepdims=True), probs)
 
 
 def cell_similarity(gallery: Gallery, feats: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
