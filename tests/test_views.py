@@ -377,3 +377,9 @@ def test_the_predictor_fuses_a_samples_views_with_the_models_own_fusion(fused_ru
     assert p.confidence == pytest.approx(float(ref.max()), abs=2e-3)
     (bad,) = geo.predict([groups[0] + groups[1][:1]])
     assert bad.error and "5 views, but the model fuses at most 4 (its view slots N, E, S, W" in bad.error
+    # by name: each view in its own slot whatever the order given, the missing one absent
+    named = geo.predict({"W": groups[0][3], "N": groups[0][0], "S": groups[0][2]}, top_k=3)[0]
+    assert named.error is None and named.top[0].cell == p.top[0].cell
+    assert named.confidence == pytest.approx(p.confidence, abs=1e-6)
+    (odd,) = geo.predict([{"N": groups[0][0], "up": groups[0][1]}])
+    assert odd.error and "view(s) up are not among the model's slots (N, E, S, W)" in odd.error

@@ -217,8 +217,9 @@ def register(app: typer.Typer) -> None:
         csv_out: Annotated[Optional[Path], typer.Option(
             "--csv", help="write id,region_1..region_5,lat,lon (one row per image, checked before it is written)")] = None,
         force: Annotated[bool, typer.Option("--force", help="overwrite an existing --csv file")] = False,
-        views: Annotated[bool, typer.Option("--views", help="the inputs are views of one place (e.g. N E S W): one answer "
-                                            "from their averaged probabilities")] = False,
+        views: Annotated[bool, typer.Option("--views", help="the inputs are views of one place (e.g. N E S W): one answer; "
+                                            "a model trained with a fusion fuses them in its slot order (give them in that "
+                                            "order), any other model averages their probabilities")] = False,
         manifest: Annotated[Optional[Path], typer.Option("--manifest", help="CSV/parquet with path and group (or sample_id) "
                                                          "columns, optional view and lat/lon: one answer per group; with "
                                                          "--sequence its sequence_id column groups frames")] = None,
@@ -261,7 +262,9 @@ def register(app: typer.Typer) -> None:
                                             batch_size, engine.value, ensemble.value, SEQUENCE_COMBINER,
                                             {"temperature": sequence_temperature, "floor": SEQUENCE_FLOOR}, tta=tta)
             else:
-                samples = [g.paths if len(g.paths) > 1 else g.paths[0] for g in groups]
+                # a group whose rows all name their view (and name each once) is a mapping: a fused model slots them by name
+                samples = [dict(zip(g.views, g.paths)) if len(g.paths) > 1 and all(g.views) and len(set(g.views)) == len(g.views)
+                           else g.paths if len(g.paths) > 1 else g.paths[0] for g in groups]
                 truths = [g.truth for g in groups] if any(g.truth for g in groups) else None
                 ok, bad = predict_paths(models, samples, top_k, json_out, truths, batch_size, engine.value, min_confidence, csv_out,
                                         force, ensemble.value, tta=tta)

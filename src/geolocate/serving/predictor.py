@@ -26,7 +26,9 @@ from ..runtime import cpu_count, ordered_map
 ENGINES = ("auto", "onnx", "onnx-int8", "torch")
 
 ImageInput = str | Path | bytes | Image.Image
-SampleInput = ImageInput | Sequence[ImageInput]  # a list or tuple of images: the views of one sample
+# a list or tuple of images: the views of one sample, in the model's slot order; a mapping view name -> image:
+# the views of one sample by name (``{"N": a, "S": c}``: a fused model puts each in its slot, the others absent)
+SampleInput = ImageInput | Sequence[ImageInput] | Mapping[str, ImageInput]
 
 
 @dc.dataclass
@@ -278,6 +280,8 @@ class Geolocator:
         A list or tuple of images is one multi-view sample: its arrays (the views that decode) and one Prediction
         whose ``views``/``dropped`` say which were used; ``name`` may then be the sample's label or one name per view.
         """
+        if isinstance(item, Mapping):
+            return self._prepare_named_views(item, truth, name)
         if isinstance(item, (list, tuple)):
             return self._prepare_views(item, truth, name)
         given = name
@@ -306,6 +310,24 @@ class Geolocator:
             if meta["lat"] is not None:
                 pred.true_lat, pred.true_lon = meta["lat"], meta["lon"]
         return array, pred
+
+    def _prepare_named_views(self, item: Mapping, truth, name) -> tuple[list[np.ndarray] | None, Prediction]:
+        """A sample given as {view name: image}: a fused model's slots by name (others absent); any other model
+        reads the views in the mapping's order."""
+        keys = [str(k) for k in item]
+        if not self.fusion_slots:
+            return self._prepare_views(list(item.values()), truth, name)
+        unknown = [k for k in keys if k not in self.fusion_slots]
+        label = name if isinstance(name, str) else " + ".join(str(v) for v in item.values())
+        if unknown:
+            return None, Prediction(source=label, error=f"{label}: view(s) {', '.join(unknown)} are not among the model's "
+                                                        f"slots ({', '.join(self.fusion_slots)})")
+        order = sorted(range(len(keys)), key=lambda i: self.fusion_slots.index(keys[i]))
+        values = list(item.values())
+        arrays, pred = self._prepare_views([values[i] for i in order], truth, name)
+        if isinstance(arrays, ViewArrays):  # each decoded view's slot: by its name, not its position in the mapping
+            arrays.slots = [self.fusion_slots.index(keys[order[i]]) for i in arrays.slots]
+        return arrays, pred
 
     def _prepare_views(self, items: Sequence, truth, name) -> tuple[list[np.ndarray] | None, Prediction]:
         names = list(name) if isinstance(name, (list, tuple)) else [None] * len(items)
@@ -539,7 +561,7 @@ class Geolocator:
         """
         if images is None:
             raise ValueError("images is None: give a path, bytes, a PIL image or a list of them")
-        if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+        if isinstance(images, (str, Path, bytes, bytearray, Image.Image, Mapping)):
             images = [images]
         return list(self.predict_iter(images, top_k=top_k, batch_size=batch_size, truths=truths))
 
