@@ -145,7 +145,7 @@ def conformal_resampled_rows(ws: Workspace, seed: int, resamples: int = 200) -> 
     probabilities over every cell); ``resamples`` times the union is split in half **by sequence** (the unit the
     split keeps together), the threshold fit on one half and its coverage measured on the other. The row holds the
     mean coverage and set size (``n``: samples measured per resample); the fixed-split ``conformal90`` row is one
-    such draw, on a val/test pair whose difficulty differs (single-view val 897 vs test 1,738 km)."""
+    such draw, on a val/test pair whose difficulty may differ (3000 places: single-view val 897 vs test 1,738 km)."""
     import polars as pl
 
     from geolocate.evaluation import conformal as C
