@@ -207,3 +207,35 @@ def test_a_kept_chain_ends_with_a_temperature_and_the_answer_stays_calibrated(re
         assert stages[-1]["name"] == "temperature" and stages[-1]["params"]["t"] == s["calibration"]["answer_temperature"]
     else:
         assert stages == []
+
+
+def test_a_feature_chain_without_refinement_ships_its_gallery_pinned_once(trained_copy, monkeypatch, photos_dir, capsys):
+    """Feature reranking ships without refinement: the gallery beside the model is the one its record pins (the OOD
+    flag reuses the same one), and the predictor loads it and applies the stage."""
+    import geolocate.runs.experiment as E
+    from geolocate.io import file_sha256
+    from geolocate.serving import Geolocator
+    from geolocate.tasks.refine import gallery_path
+    from geolocate.tasks.rerank import Reranking
+
+    cfg, _, _ = trained_copy
+    cfg.eval.refine, cfg.eval.rerank = "off", ["feature"]
+    stage = Stage("feature", {"k": 3, "beta": 20.0, "gate": 1.0})
+    monkeypatch.setattr(E, "choose_reranking", lambda *a, **k: Reranking([stage], {}, {}))
+    first = []
+
+    def val_km(self, val):  # the reranked answer wins the choice, whatever the tiny data says
+        first.append(id(self.probs)) if not first else None
+        return 1.0 if id(self.probs) == first[0] else 0.0
+
+    monkeypatch.setattr(E.Answer, "val_km", val_km)
+    run_dir = E.run_experiment(cfg)
+    model = run_dir / "checkpoints" / "model.pt"
+    geo = Geolocator.from_pretrained(model, engine="torch")
+    meta = geo.info["meta"]
+    assert "refine" not in meta and meta["rerank"]["stages"][0] == stage.to_dict()
+    assert meta["rerank"]["gallery_sha256"] == file_sha256(gallery_path(model)) == meta["ood"]["gallery_sha256"]
+    assert geo.gallery is not None and geo.refine_params is None
+    capsys.readouterr()
+    (p,) = geo.predict([sorted(photos_dir.glob("*.jpg"))[0]])
+    assert p.error is None and p.point == "cell" and "skipped" not in capsys.readouterr().err

@@ -86,8 +86,9 @@ def assess_confidence(cfg, run_dir: Path, model_path: Path, meta: dict, calibrat
 
     # ---- out-of-distribution flag ---------------------------------------------------------
     if train.feats is not None and len(train) and val.feats is not None:
-        if meta.get("refine"):  # the gallery refinement ships is already written beside the model
-            sha, size = meta["refine"]["gallery_sha256"], meta["refine"]["gallery_size"]
+        shipped = meta.get("refine") or ((meta.get("rerank") or {}) if (meta.get("rerank") or {}).get("gallery_sha256") else None)
+        if shipped:  # the gallery refinement (or feature reranking) ships is already written beside the model
+            sha, size = shipped["gallery_sha256"], shipped["gallery_size"]
             if gallery is None:
                 gallery = Gallery.load(gallery_path(model_path), sha256=sha)
         else:

@@ -62,7 +62,8 @@ class Confidence:
         spec = meta.get("ood")
         feats = None
         if spec and engine_has_features:
-            if gallery is not None and (meta.get("refine") or {}).get("gallery_sha256") == spec.get("gallery_sha256"):
+            pinned = {(meta.get(k) or {}).get("gallery_sha256") for k in ("refine", "rerank")} - {None}
+            if gallery is not None and spec.get("gallery_sha256") in pinned:  # the gallery the predictor already holds
                 feats = gallery.feats
             elif model_file is not None:
                 from ..tasks.refine import Gallery, GalleryError, gallery_path
