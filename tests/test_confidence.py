@@ -38,7 +38,7 @@ def test_run_reports_conformal_selective_ood_and_regions(trained):
     _, run_dir, model = trained
     s = json.loads((run_dir / "summary.json").read_text())
     cf, sel, ood = s["conformal"], s["selective"], s["ood"]
-    assert cf["coverage_target"] == 0.9 and cf["score"] == "aps" and cf["split"] == "test"
+    assert cf["coverage_target"] == 0.9 and cf["score"] == "aps_exclusive" and cf["split"] == "test"
     assert cf["calibration_n"] == s["dataset"]["splits"]["val"] and 0 < cf["threshold"] <= 1.0 + 1e-9
     r = cf["result"]
     assert r["n"] == s["metrics"]["test"]["n"] and 0.75 <= r["coverage"] <= 1.0   # 90 % target, ~70 test images

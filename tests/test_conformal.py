@@ -22,8 +22,28 @@ def test_scores_by_hand():
     assert C.nonconformity(p, [1, 2], "lac") == pytest.approx([0.7, 0.7])
     assert C.nonconformity(p, [1, 2], "aps") == pytest.approx([0.8, 0.9])  # mass ranked at or above the true cell
     assert C.class_scores(p, "aps")[0] == pytest.approx([0.5, 0.8, 1.0])
-    with pytest.raises(ValueError, match="conformal score must be one of aps, lac"):
+    assert C.nonconformity(p, [1, 2], "aps_exclusive") == pytest.approx([0.5, 0.6])  # mass strictly above it
+    assert C.class_scores(p, "aps_exclusive")[0] == pytest.approx([0.0, 0.5, 0.8])    # the top-1 scores 0
+    with pytest.raises(ValueError, match="conformal score must be one of aps, aps_exclusive, lac"):
         C.nonconformity(p, [0, 0], "raps")
+
+
+def test_the_exclusive_score_does_not_over_cover_confident_models():
+    """A confident model (the top-1 often right with a high probability): the inclusive score counts those images
+    uncovered in calibration, the forced top-1 covers them at test time, so its sets over-cover; the exclusive
+    score lands on the target."""
+    rng = np.random.default_rng(5)
+    n, c = 6000, 30
+    z = rng.normal(size=(n, c))
+    z[:, 0] += rng.uniform(2, 7, n)
+    p = softmax(z)
+    y = (p.cumsum(1) > rng.random((n, 1))).argmax(1)   # labels drawn from p: p is calibrated
+    cal, test = slice(0, n // 2), slice(n // 2, n)
+    got = {}
+    for score in ("aps", "aps_exclusive"):
+        t = C.calibrate(p[cal], y[cal], 0.9, score)
+        got[score] = C.set_summary(C.prediction_sets(p[test], t, score), y[test], np.ones(c))["coverage"]
+    assert abs(got["aps_exclusive"] - 0.9) < 0.02 and got["aps"] > got["aps_exclusive"] + 0.02, got
 
 
 def test_threshold_is_the_finite_sample_quantile():

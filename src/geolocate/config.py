@@ -196,7 +196,9 @@ class EvalConfig:
     rerank: list[str] = dc.field(default_factory=lambda: ["prior", "smooth", "feature"])
     gate_metric: str = "median_km"  # validation metric that decides models/best.pt (direction known per metric)
     conformal_coverage: float = 0.9  # prediction sets over cells: target coverage, threshold fit on validation (1 = every cell)
-    conformal_score: str = "aps"    # nonconformity score: "aps" (mass ranked at or above the true cell) or "lac" (1 - p_true)
+    # nonconformity score: "aps_exclusive" (mass ranked strictly above the true cell; chosen on validation: "aps", the
+    # mass at or above it, over-covers), "aps" or "lac" (1 - p_true); see geolocate.evaluation.conformal
+    conformal_score: str = "aps_exclusive"
     ood_quantile: float = 0.99      # out-of-distribution flag: above this quantile of validation scores
     ood_neighbours: int = 5         # the OOD score is the mean cosine distance to this many nearest training images
 
@@ -310,7 +312,8 @@ class Config:
             (self.index.min_cell_samples >= 0, f"index.min_cell_samples must be >= 0, got {self.index.min_cell_samples}"),
             (self.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {self.eval.knn_k}"),
             (0 < self.eval.conformal_coverage <= 1, f"eval.conformal_coverage must be in (0, 1], got {self.eval.conformal_coverage}"),
-            (self.eval.conformal_score in ("aps", "lac"), f"eval.conformal_score must be 'aps' or 'lac', got {self.eval.conformal_score!r}"),
+            (self.eval.conformal_score in ("aps", "aps_exclusive", "lac"),
+             f"eval.conformal_score must be 'aps', 'aps_exclusive' or 'lac', got {self.eval.conformal_score!r}"),
             (0 < self.eval.ood_quantile <= 1, f"eval.ood_quantile must be in (0, 1], got {self.eval.ood_quantile}"),
             (self.eval.ood_neighbours >= 1, f"eval.ood_neighbours must be >= 1, got {self.eval.ood_neighbours}"),
             (isinstance(self.eval.rerank, list) and all(r in RERANKERS and RERANKERS[r].grid for r in self.eval.rerank)

@@ -4,6 +4,12 @@ Calibration (on validation, never test): every calibration image gets a nonconfo
 
 - ``aps`` (adaptive prediction sets, Romano et al. 2020, non-randomised): the probability mass of the classes
   ranked at or above the true class (a stable sort of the probabilities, highest first);
+- ``aps_exclusive``: the probability mass of the classes ranked strictly above the true class (randomised APS
+  with its uniform fixed at 0: deterministic). The top-1 class scores 0, so the always-included top-1 adds no
+  coverage that calibration did not count. With ``aps``, a confident, correct calibration image scores its own
+  top-1 probability, which may exceed the threshold: calibration counts it uncovered, the forced top-1 covers it
+  at test time, and the sets over-cover (measured: 0.965 instead of 0.90 with 35 cells, against 0.903 with 10
+  cells for ``aps_exclusive``, cross-validated inside a validation split of 5384 images);
 - ``lac`` (least ambiguous set-valued classifier, Sadinle et al. 2019): ``1 - p_true``.
 
 The threshold is the ``ceil((n + 1) * coverage)``-th smallest of the n calibration scores (the finite-sample
@@ -24,7 +30,7 @@ from typing import Sequence
 import h3
 import numpy as np
 
-SCORES = ("aps", "lac")
+SCORES = ("aps", "aps_exclusive", "lac")
 
 
 def _check(probs: np.ndarray, score: str) -> np.ndarray:
@@ -36,10 +42,12 @@ def _check(probs: np.ndarray, score: str) -> np.ndarray:
     return p
 
 
-def _ranked_mass(p: np.ndarray) -> np.ndarray:
-    """(N, C): for each class, the probability mass of the classes ranked at or above it (stable sort, highest first)."""
+def _ranked_mass(p: np.ndarray, inclusive: bool = True) -> np.ndarray:
+    """(N, C): for each class, the probability mass of the classes ranked at or above it (``inclusive``) or strictly
+    above it (stable sort, highest first)."""
     order = np.argsort(-p, axis=1, kind="stable")
-    cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+    ranked = np.take_along_axis(p, order, axis=1)
+    cum = np.cumsum(ranked, axis=1) - (0.0 if inclusive else ranked)
     out = np.empty_like(cum)
     np.put_along_axis(out, order, cum, axis=1)
     return out
@@ -48,7 +56,9 @@ def _ranked_mass(p: np.ndarray) -> np.ndarray:
 def class_scores(probs: np.ndarray, score: str = "aps") -> np.ndarray:
     """(N, C) nonconformity score of every candidate class (lower = more conforming)."""
     p = _check(probs, score)
-    return _ranked_mass(p) if score == "aps" else 1.0 - p
+    if score == "lac":
+        return 1.0 - p
+    return _ranked_mass(p, inclusive=score == "aps")
 
 
 def nonconformity(probs: np.ndarray, labels: np.ndarray, score: str = "aps") -> np.ndarray:
