@@ -34,7 +34,7 @@ def test_config_checks_the_confidence_keys():
     assert (cfg.eval.conformal_coverage, cfg.eval.conformal_score, cfg.eval.ood_quantile) == (1.0, "lac", 0.95)
     for item, message in (("eval.conformal_coverage=0", r"eval.conformal_coverage must be in \(0, 1\], got 0.0"),
                           ("eval.conformal_coverage=1.2", r"eval.conformal_coverage must be in \(0, 1\]"),
-                          ("eval.conformal_score=raps", "eval.conformal_score must be 'aps' or 'lac', got 'raps'"),
+                          ("eval.conformal_score=raps", "eval.conformal_score must be 'aps', 'aps_exclusive' or 'lac', got 'raps'"),
                           ("eval.ood_quantile=0", r"eval.ood_quantile must be in \(0, 1\]"),
                           ("eval.ood_neighbours=0", "eval.ood_neighbours must be >= 1, got 0")):
         with pytest.raises(ConfigError, match=message):
