@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         class_lat = np.array([c["lat"] for c in labels["classes"]])
         class_lon = np.array([c["lon"] for c in labels["classes"]])
         n_cls = labels["num_classes"]
+        cell_index = {c["cell"]: i for i, c in enumerate(labels["classes"])}
         backbone = create_backbone(cfg.model.backbone).eval()
         cache = Path(cfg.paths.data_dir) / "cache" / "embeddings"
         feats, ok = cached_embeddings(backbone, df["id"].to_list(), df["path"].to_list(), cache)
@@ -269,7 +270,6 @@ def main(argv: list[str] | None = None) -> dict:
                         got = geo.answer_outputs(probs, feats_x.numpy(), None if dec.point is None else dec.point.double().numpy(),
                                                  truths=list(zip(la, lo)), top_k=5)
                         pt = (np.array([g.lat for g in got]), np.array([g.lon for g in got]))
-                        cell_index = {c["cell"]: i for i, c in enumerate(labels["classes"])}
                         probs = np.zeros_like(probs)  # the answer's ranked cells (for top-1 accuracy)
                         for i, g in enumerate(got):
                             for c in g.top:

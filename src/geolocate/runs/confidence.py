@@ -42,7 +42,7 @@ def assess_confidence(cfg, run_dir: Path, model_path: Path, meta: dict, calibrat
 
     ``gallery``: the training-embedding gallery the run already built (for refinement), reused for the OOD score;
     built here only when there is none."""
-    from ..tasks.refine import Gallery, gallery_path
+    from ..tasks.refine import Gallery, gallery_path, shipped_gallery
 
     plots = Path(run_dir) / "plots"
     ev = cfg.eval
@@ -86,7 +86,7 @@ def assess_confidence(cfg, run_dir: Path, model_path: Path, meta: dict, calibrat
 
     # ---- out-of-distribution flag ---------------------------------------------------------
     if train.feats is not None and len(train) and val.feats is not None:
-        shipped = meta.get("refine") or ((meta.get("rerank") or {}) if (meta.get("rerank") or {}).get("gallery_sha256") else None)
+        shipped = shipped_gallery(meta)
         if shipped:  # the gallery refinement (or feature reranking) ships is already written beside the model
             sha, size = shipped["gallery_sha256"], shipped["gallery_size"]
             if gallery is None:

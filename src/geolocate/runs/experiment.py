@@ -226,17 +226,18 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     reranking = choose_rerank(cfg, train_counts, gallery, val, split_probs.get("val"), split_points.get("val"), class_lat,
                               class_lon, use_head_point)
     rerank_ctx = lambda s: RerankContext(class_lat, class_lon, train_counts, gallery, s.feats.numpy())  # noqa: E731
-    if reranking is not None and reranking.stages and calibration.get("fitted"):
-        # reranking moves probability mass: the chain ends with a temperature fit on validation, as the head's was
-        from ..evaluation.calibration import fit_temperature
-
-        rr_val = apply_reranking(reranking.stages, split_probs["val"], rerank_ctx(val))
-        t_answer = fit_temperature(np.log(np.clip(rr_val, 1e-300, None)), val.labels.numpy(),
-                                   objective=cfg.eval.calibration_objective)
-        reranking.stages.append(Stage("temperature", {"t": round(t_answer, 4)}))
-        calibration["answer_temperature"] = round(t_answer, 4)
     if reranking is not None and reranking.stages:
         rr_probs = {n: apply_reranking(reranking.stages, p, rerank_ctx(val if n == "val" else test)) for n, p in split_probs.items()}
+        if calibration.get("fitted"):
+            # reranking moves probability mass: the chain ends with a temperature fit on validation, as the head's was
+            from ..evaluation.calibration import fit_temperature
+
+            t_answer = round(fit_temperature(np.log(np.clip(rr_probs["val"], 1e-300, None)), val.labels.numpy(),
+                                             objective=cfg.eval.calibration_objective), 4)
+            temper = Stage("temperature", {"t": t_answer})
+            reranking.stages.append(temper)
+            rr_probs = {n: apply_reranking([temper], p, rerank_ctx(val if n == "val" else test)) for n, p in rr_probs.items()}
+            calibration["answer_temperature"] = t_answer
         rr_points = {n: answer_points(split_probs[n], rr_probs[n], rerank_ctx(val if n == "val" else test),
                                       split_points[n] if use_head_point else None)
                      for n in split_probs}
@@ -550,8 +551,7 @@ def decode_split(head, feats: torch.Tensor, class_lat: np.ndarray, class_lon: np
     probs = dec.probabilities.double().numpy()
     if dec.point is not None:
         return probs, (dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy())
-    top = probs.argmax(1)
-    return probs, (class_lat[top], class_lon[top])
+    return probs, _anchors(probs, class_lat, class_lon)
 
 
 def label_space(cfg, labels: dict) -> LabelSpace:

@@ -62,8 +62,10 @@ class Confidence:
         spec = meta.get("ood")
         feats = None
         if spec and engine_has_features:
-            pinned = {(meta.get(k) or {}).get("gallery_sha256") for k in ("refine", "rerank")} - {None}
-            if gallery is not None and spec.get("gallery_sha256") in pinned:  # the gallery the predictor already holds
+            from ..tasks.refine import shipped_gallery
+
+            held = shipped_gallery(meta)  # the gallery the predictor already holds, when it is the one pinned here
+            if gallery is not None and held is not None and held["gallery_sha256"] == spec.get("gallery_sha256"):
                 feats = gallery.feats
             elif model_file is not None:
                 from ..tasks.refine import Gallery, GalleryError, gallery_path

@@ -138,11 +138,12 @@ class Geolocator:
     def _load_gallery(self):
         """The gallery the model was trained with (for refinement and/or feature reranking), if it has one, and the
         refinement parameters; a bad gallery warns and is not used."""
+        from ..tasks.refine import Gallery, GalleryError, RefineParams, gallery_path, shipped_gallery
+
         meta = self.info.get("meta") or {}
-        spec = meta.get("refine") or ((meta.get("rerank") or {}) if (meta.get("rerank") or {}).get("gallery_sha256") else None)
+        spec = shipped_gallery(meta)
         if not spec or self.path is None or not getattr(self.engine, "has_features", False):
             return None, None
-        from ..tasks.refine import Gallery, GalleryError, RefineParams, gallery_path
 
         model_file = self._model_file()
         try:
@@ -403,10 +404,15 @@ class Geolocator:
             self._tta = tta_transforms(domain_of(((self.info.get("meta") or {}).get("sources") or {}).keys()))
         return self._tta
 
+    @property
+    def _wants_features(self) -> bool:
+        """Whether the answer reads the features (refinement, feature reranking, the OOD score) and the engine has them."""
+        return (self.gallery is not None or self.confidence.needs_features) and getattr(self.engine, "has_features", False)
+
     def _forward(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(probabilities (N, C), features (N, F) when refinement or the OOD score use them, else None, the head's
         point (N, 2) when it predicts one, else None) of N arrays."""
-        wants = (self.gallery is not None or self.confidence.needs_features) and getattr(self.engine, "has_features", False)
+        wants = self._wants_features
         if hasattr(self.engine, "run") and (wants or getattr(self.engine, "has_point", False)):
             out = self.engine.run(np.stack(arrays))
             return out["probabilities"], out.get("features") if wants else None, out.get("point")
@@ -479,8 +485,7 @@ class Geolocator:
             mask[j, where] = True
             pos += len(vs)
         fused = self.engine.run_views(vf, mask)
-        wants = self.gallery is not None or self.confidence.needs_features
-        return fused["probabilities"], fused.get("features") if wants else None, fused.get("point")
+        return fused["probabilities"], fused.get("features") if self._wants_features else None, fused.get("point")
 
     def _answer(self, preds: list[Prediction], probs: np.ndarray, feats: np.ndarray | None, top_k: int,
                 regressed: np.ndarray | None = None) -> list[Prediction]:

@@ -188,6 +188,16 @@ def cell_blocks(gallery: Gallery, top: np.ndarray, max_block_bytes: int = 128 <<
                 yield c, qs[s:s + chunk], slots[s:s + chunk], gidx, g
 
 
+def shipped_gallery(meta: dict | None) -> dict | None:
+    """The model metadata's record of the gallery written beside it (``gallery_sha256``, ``gallery_size``,
+    ``features``): refinement's, else feature reranking's; None when neither ships one."""
+    meta = meta or {}
+    for key in ("refine", "rerank"):
+        if (meta.get(key) or {}).get("gallery_sha256"):
+            return meta[key]
+    return None
+
+
 def gallery_path(model_path: str | Path) -> Path:
     """``models/best.pt`` -> ``models/best.gallery.npz``: where a model's gallery lives."""
     return Path(model_path).with_suffix(".gallery.npz")
