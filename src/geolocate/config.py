@@ -107,6 +107,12 @@ class IndexConfig:
 @dc.dataclass
 class ModelConfig:
     backbone: str = "efficientnet_lite0"
+    # px: every input square goes through detail_px x detail_px (antialiased) before the backbone's resize, a
+    # low-pass at the information level of the imagery (sharper, softer, lower-resolution inputs then look alike);
+    # 0 = off. Part of the backbone's preprocessing: saved in the model file, applied by every engine
+    detail_px: int = 0
+    # mean luminance (0..1) every input is scaled to before the backbone (exposure normalisation); 0 = off
+    exposure: float = 0.0
     head: str = "linear"          # a registered head: geolocate.models.heads (linear, hierarchical, offset, gps, ...)
     dropout: float = 0.2
     levels: list[int] = dc.field(default_factory=list)  # coarser H3 levels of the label space (hierarchical head); [] = one level up
@@ -332,6 +338,8 @@ class Config:
             (0 <= self.train.geo_mix_ce <= 1, "train.geo_mix_ce must be in [0, 1]"),
             (0 <= self.train.adjacency_eps < 1, "train.adjacency_eps must be in [0, 1)"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
+            (self.model.detail_px >= 0, f"model.detail_px must be 0 (off) or a size in px, got {self.model.detail_px}"),
+            (0 <= self.model.exposure < 1, f"model.exposure must be 0 (off) or a mean luminance in (0, 1), got {self.model.exposure}"),
             (self.source.earth.count >= 1 and self.source.earth.sequence_size >= 1, "source.earth.count and sequence_size must be >= 1"),
             (self.source.earth.views in (1, 4), f"source.earth.views must be 1 or 4 (N/E/S/W), got {self.source.earth.views}"),
             (math.isfinite(self.source.earth.view_offset_km) and self.source.earth.view_offset_km >= 0,

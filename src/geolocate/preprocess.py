@@ -7,7 +7,12 @@ the server and the export checks, so a model sees the same pixels everywhere:
 2. JPEG draft: the decoder itself scales by 1/2, 1/4 or 1/8 while staying at least
    ``size`` on both sides (a 12 MP photo decodes at ~500x375 instead of 4000x3000);
 3. centre-crop the largest square, *then* resize it to ``size`` x ``size``: the work is
-   bounded by the output, so a 1x60000 strip costs the same as a normal photo;
+   bounded by the output, so a 1x60000 strip costs the same as a normal photo. With ``detail`` (px) the
+   square first goes through ``detail`` x ``detail`` (antialiased): a low-pass at the information level of
+   the imagery, so one sharper, softer or lower-resolution than the training images reaches the network alike
+   (the Earth patches carry ~60 px of NASA pixels across, whatever size they are cut at). With ``exposure`` the
+   small square is then scaled so its mean luminance is ``exposure`` (0..1): the same picture taken or rendered
+   brighter or darker reaches the network alike (clipped highlights aside);
 4. apply the EXIF orientation to the small square (a square centre crop commutes with
    the 8 EXIF orientations);
 5. one table-lookup pass from uint8 HWC to normalised float32 CHW.
@@ -41,27 +46,55 @@ def orient(im: Image.Image, orientation: int | None) -> Image.Image:
 
 @dc.dataclass(frozen=True)
 class Preprocess:
-    """Centre-crop the largest square, resize to ``size``, scale to [0, 1], normalise with mean/std."""
+    """Centre-crop the largest square, (``detail`` > 0: through ``detail`` px,) resize to ``size``, scale to [0, 1],
+    normalise with mean/std."""
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    detail: int = 0  # px: the square is first resampled to detail x detail (antialiased low-pass); 0 = off
+    exposure: float = 0.0  # mean luminance (0..1) every image is scaled to; 0 = off
+
+    def __post_init__(self):
+        if not 0 <= self.detail <= self.size:
+            raise ValueError(f"preprocess detail must be 0 (off) or 1..{self.size} px (the input size), got {self.detail}")
+        if not 0 <= self.exposure < 1:
+            raise ValueError(f"preprocess exposure must be 0 (off) or a mean luminance in (0, 1), got {self.exposure}")
 
     def to_dict(self) -> dict:
         return dc.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["size"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        return cls(int(d["size"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), int(d.get("detail", 0)),
+                   float(d.get("exposure", 0.0)))
+
+    @property
+    def cache_suffix(self) -> str:
+        """Part of a backbone's cache name: the features change with ``detail`` and ``exposure``."""
+        return (f"-detail{self.detail}" if self.detail else "") + (f"-exposure{self.exposure:g}" if self.exposure else "")
 
     # ---- pixels ---------------------------------------------------------------
     def fit(self, im: Image.Image) -> Image.Image:
-        """Centre square crop, then resize to size x size (bilinear, antialiased); a no-op at the right size."""
+        """Centre square crop, (``detail``: through detail x detail, Lanczos; ``exposure``: scaled to its mean
+        luminance,) then resize to size x size (bilinear, antialiased); a no-op at the right size without either."""
         w, h = im.size
-        if (w, h) == (self.size, self.size):
-            return im
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2
-        return im.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + s, top + s), reducing_gap=3.0)
+        if self.detail:
+            if (w, h) != (self.detail, self.detail):
+                im = im.resize((self.detail, self.detail), Image.LANCZOS, box=(left, top, left + s, top + s), reducing_gap=3.0)
+            if self.exposure:
+                im = self._expose(im)
+            return im.resize((self.size, self.size), Image.BILINEAR)
+        if (w, h) != (self.size, self.size):
+            im = im.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + s, top + s), reducing_gap=3.0)
+        return self._expose(im) if self.exposure else im
+
+    def _expose(self, im: Image.Image) -> Image.Image:
+        """``im`` scaled so its mean luminance (Rec. 601) is ``exposure``, clipped to 0..255."""
+        a = np.asarray(im, dtype=np.float32)
+        y = float((a @ np.array([0.299, 0.587, 0.114], np.float32)).mean()) / 255.0
+        return Image.fromarray(np.clip(a * (self.exposure / max(y, 1e-3)) + 0.5, 0, 255).astype(np.uint8))
 
     @functools.cached_property
     def _lut(self) -> np.ndarray:

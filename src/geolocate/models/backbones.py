@@ -16,6 +16,7 @@ missing weight fails fast with a clear message.
 from __future__ import annotations
 
 import contextlib
+import dataclasses as dc
 import io
 from typing import Callable
 
@@ -37,7 +38,7 @@ class Backbone(nn.Module):
     @property
     def cache_name(self) -> str:
         """Names the embedding cache: changes whenever the features a backbone computes change."""
-        return self.name.replace(":", "_").replace("/", "_") + getattr(self, "feature_version", "")
+        return self.name.replace(":", "_").replace("/", "_") + getattr(self, "feature_version", "") + self.preprocess.cache_suffix
 
 
 class EfficientNetLite(Backbone):
@@ -216,13 +217,35 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES) + [f"{p}:<name>" for p in sorted(PREFIXES)]
 
 
-def create_backbone(spec: str, pretrained: bool = True) -> Backbone:
+def create_backbone(spec: str, pretrained: bool = True, detail: int = 0, exposure: float = 0.0) -> Backbone:
+    """The backbone ``spec`` (a registered name or a ``prefix:name`` spec); ``detail`` (``model.detail_px``) and
+    ``exposure`` (``model.exposure``) set its preprocessing's low-pass and exposure normalisation (``Preprocess``)."""
     if spec in BACKBONES:
-        return BACKBONES[spec](pretrained)
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix in PREFIXES and rest:
-        return PREFIXES[prefix](rest, pretrained)
-    raise KeyError(f"unknown backbone {spec!r}: choose one of {', '.join(list_backbones())}")
+        bb = BACKBONES[spec](pretrained)
+    else:
+        prefix, sep, rest = spec.partition(":")
+        if not (sep and prefix in PREFIXES and rest):
+            raise KeyError(f"unknown backbone {spec!r}: choose one of {', '.join(list_backbones())}")
+        bb = PREFIXES[prefix](rest, pretrained)
+    return with_inputs(bb, detail, exposure)
+
+
+def with_inputs(bb: Backbone, detail: int = 0, exposure: float = 0.0) -> Backbone:
+    """``bb`` with its preprocessing's input invariances set (``Preprocess.detail``, ``exposure``); ValueError when
+    out of range for its input size."""
+    bb.preprocess = dc.replace(bb.preprocess, detail=int(detail), exposure=float(exposure))
+    return bb
+
+
+def backbone_for(model_cfg, pretrained: bool | None = None) -> Backbone:
+    """The backbone a ``model:`` config section names, with its preprocessing options (``detail_px``, ``exposure``);
+    pretrained unless the backbone trains from scratch (``is_pretrained``)."""
+    spec = model_cfg.backbone
+    bb = create_backbone(spec, pretrained=is_pretrained(spec) if pretrained is None else pretrained)
+    try:
+        return with_inputs(bb, model_cfg.detail_px, model_cfg.exposure)
+    except ValueError as e:
+        raise ValueError(f"model.detail_px / model.exposure do not fit backbone {spec!r}: {e}") from None
 
 
 def is_pretrained(spec: str) -> bool:

@@ -77,7 +77,8 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
     if not isinstance(pp, dict) or not {"size", "mean", "std"} <= pp.keys():
         raise ValueError(f"{path}: no usable preprocess (size, mean, std): a damaged model file")
     try:
-        backbone = create_backbone(str(ck["backbone"]), pretrained=ck["backbone_state"] is None)
+        backbone = create_backbone(str(ck["backbone"]), pretrained=ck["backbone_state"] is None, detail=int(pp.get("detail", 0)),
+                                   exposure=float(pp.get("exposure", 0.0)))
     except KeyError as e:
         raise ValueError(f"{path}: {e.args[0]}") from None
     except Exception as e:  # noqa: BLE001 - an optional backbone library that is missing or fails

@@ -27,7 +27,7 @@ from ..geo import haversine_km
 from ..index import IndexPaths, load_index
 from ..io import read_json, write_json, write_parquet
 from ..labels import LabelSpace
-from ..models import FUSIONS, HEADS, GeoModel, create_backbone, create_fusion, create_head, is_pretrained, save_model
+from ..models import FUSIONS, HEADS, GeoModel, backbone_for, create_fusion, create_head, is_pretrained, save_model
 from ..progress import console, tagged
 from ..training import Split, Trainer, embed_paths, load_checkpoint, seed_everything
 from ..training import distributed as D
@@ -124,7 +124,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
 
     spec = cfg.model.backbone
     pretrained = is_pretrained(spec)
-    backbone = create_backbone(spec, pretrained=pretrained)
+    backbone = backbone_for(cfg.model, pretrained)
     cache_dir = Path(cfg.paths.data_dir) / "cache" / "embeddings"
     ids, paths = df["id"].to_list(), df["path"].to_list()
     feats = None
