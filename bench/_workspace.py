@@ -24,3 +24,22 @@ def build_earth(cfg: Config) -> None:
     get_source("earth")(cfg, Path(cfg.paths.data_dir) / "raw" / "earth")
     build_index(cfg, plot=False)
     make_splits(cfg, plot=False)
+
+
+def shipped_answers(geo, model, feats, truths, cell_index: dict[str, int]):
+    """(cell scores (N, C): the answer's ranked cells, lat, lon) for features ``feats`` (the head's input) through
+    ``model``'s head and the predictor ``geo``'s decode-time steps (reranking, refinement from the run's gallery):
+    the model as shipped, on images embedded elsewhere (shifted or held-out copies)."""
+    import numpy as np
+    import torch
+
+    with torch.inference_mode():
+        dec = model.head.decode(model.head(torch.as_tensor(feats)))
+    probs = dec.probabilities.double().numpy()
+    got = geo.answer_outputs(probs, np.asarray(feats), None if dec.point is None else dec.point.double().numpy(),
+                             truths=list(truths), top_k=5)
+    scores = np.zeros_like(probs)
+    for i, g in enumerate(got):
+        for c in g.top:
+            scores[i, cell_index[c.cell]] = c.probability
+    return scores, np.array([g.lat for g in got]), np.array([g.lon for g in got])

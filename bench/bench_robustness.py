@@ -18,19 +18,24 @@ Two more variants: ``partial_finetune`` (after the frozen head, the last ``--par
 the head trained ``--partial-epochs`` epochs over cached trunk activations with ``--copies`` augmented copies per
 training image; shifted images go through the same frozen trunk, then each seed's trained tail) and
 ``location_encoder`` (the GeoCLIP-style head, scored with its own answer point from its gallery). These four pin
-the linear (or location) head without reranking or refinement, as first measured. ``best`` is the config's own
-recipe (the demo's: the gps head, decode-time reranking and refinement, chosen on validation by the geo ablation)
-with ``--copies`` augmented copies (``augmented`` beat ``frozen_linear`` on validation), scored as the predictor
-answers (``Geolocator.answer_outputs``: reranking, refinement from the run's gallery). ``--merge`` keeps the
-other variants' rows of ``--out`` (same data, same seeds), so one variant can be added or rerun alone.
+the linear (or location) head without reranking or refinement on the backbone's plain preprocessing, as first
+measured. ``best`` is the config's own recipe (the demo's: the gps head, decode-time reranking and refinement,
+chosen on validation by the geo ablation, and the backbone's input invariances ``model.detail_px`` and
+``model.exposure``) with ``--copies`` augmented copies (``augmented`` beat ``frozen_linear`` on validation),
+scored as the predictor answers (``Geolocator.answer_outputs``: reranking, refinement from the run's gallery).
+Its ablations: ``best_more_copies`` (twice the augmented copies), ``best_exposure`` (with exposure normalisation as
+well) and ``best_sharp`` (without the low-pass: ``best`` as first measured).
+``--merge`` keeps the other variants' rows of ``--out`` (same data, same seeds), so one variant can be added or
+rerun alone.
 
-Model, kNN (k=1 on the same frozen embeddings of the shifted images, whatever the variant) and prior are scored
-on each. Writes
+Model, kNN (k=1 on the variant's own frozen embeddings of the shifted images) and prior are scored on each.
+Writes
 ``bench/results/robustness.json`` with ``rows`` of ``{"variant", "predictor", "seed", "shift", "split", "n",
 "median_km", "top1_acc", "geoscore"}`` and a ``summary`` of mean ± std over seeds.
 
     python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--copies 2] [--partial-blocks 1] [--partial-epochs 4]
-                                     [--variants frozen_linear augmented partial_finetune location_encoder best] [--merge]
+                                     [--variants frozen_linear augmented partial_finetune location_encoder best
+                                                 best_more_copies best_exposure best_sharp] [--merge]
                                      [--config configs/demo.yaml]
 """
 from __future__ import annotations
@@ -54,13 +59,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
-from _workspace import build_earth, workspace_config  # noqa: E402
+from _workspace import build_earth, shipped_answers, workspace_config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "robustness.json"
 def variants(copies: int, partial_blocks: int = 1, partial_epochs: int = 4) -> dict[str, dict[str, object]]:
     """variant -> its config overrides (every other key: the config's)."""
-    plain = {"model.head": "linear", "eval.rerank": [], "eval.refine": "off"}  # the head's own answer, as measured first
+    # the head's own answer on the backbone's plain preprocessing, as measured first
+    plain = {"model.head": "linear", "eval.rerank": [], "eval.refine": "off", "model.detail_px": 0, "model.exposure": 0.0}
     return {
         "frozen_linear": {**plain, "augment.copies": 0},
         "augmented": {**plain, "augment.copies": copies},
@@ -74,6 +80,12 @@ def variants(copies: int, partial_blocks: int = 1, partial_epochs: int = 4) -> d
         # refinement, chosen by the geo ablation) with the augmented copies (they beat none on validation, above),
         # scored as the predictor answers (Geolocator.answer_outputs)
         "best": {"augment.copies": copies},
+        # best with twice the augmented copies
+        "best_more_copies": {"augment.copies": 2 * copies},
+        # best with exposure normalisation too (every input scaled to mean luminance 0.45; lost on validation)
+        "best_exposure": {"augment.copies": copies, "model.exposure": 0.45},
+        # best without the config's low-pass (model.detail_px), i.e. ``best`` as measured before it
+        "best_sharp": {"augment.copies": copies, "model.detail_px": 0, "model.exposure": 0.0},
     }
 
 
@@ -139,9 +151,12 @@ def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all:
                 f"linear head, augment.copies=0), augmented (augment.copies={args.copies}, the config's strengths), partial_finetune "
                 f"(then the last {args.partial_blocks} backbone block(s) + head for {args.partial_epochs} epochs over cached trunk "
                 f"activations with {args.copies} augmented copies), location_encoder (GeoCLIP-style head on the frozen embeddings, "
-                f"answer = its gallery point), best (the config's own head, reranking and refinement, augment.copies={args.copies}, "
-                f"scored as the predictor answers); val/test images re-cut under each shift, heldout_rendering = "
-                f"{base.source.earth.heldout_imagery}; kNN always on the frozen embeddings; mean ± std over seeds",
+                f"answer = its gallery point), best (the config's own head, reranking, refinement and model.detail_px="
+                f"{base.model.detail_px}, augment.copies={args.copies}, scored as the predictor answers), best_more_copies (best with "
+                f"augment.copies={2 * args.copies}), best_exposure (best with "
+                f"model.exposure=0.45), best_sharp (best with model.detail_px=0); the first four with model.detail_px=0; "
+                f"val/test images re-cut under each shift, heldout_rendering = "
+                f"{base.source.earth.heldout_imagery}; kNN on each variant's own frozen embeddings; mean ± std over seeds",
         "variants": {k: v for k, v in chosen.items()},
         "augment": {k: v for k, v in base.to_dict()["augment"].items() if k != "copies"} | {"copies": args.copies},
         "run_s": {v: [round(t, 1) for t in ts] for v, ts in run_s.items()},  # per seed; the first of a variant pays its embeddings
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from geolocate.evaluation import evaluate, knn_predict, prior_predict
     from geolocate.index import load_index
-    from geolocate.models import create_backbone, load_model
+    from geolocate.models import backbone_for, load_model
     from geolocate.runs.experiment import run_experiment
     from geolocate.serving import Geolocator
     from geolocate.training.embeddings import cached_embeddings, embed_paths
@@ -203,20 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
         class_lon = np.array([c["lon"] for c in labels["classes"]])
         n_cls = labels["num_classes"]
         cell_index = {c["cell"]: i for i, c in enumerate(labels["classes"])}
-        backbone = create_backbone(cfg.model.backbone).eval()
         cache = Path(cfg.paths.data_dir) / "cache" / "embeddings"
-        feats, ok = cached_embeddings(backbone, df["id"].to_list(), df["path"].to_list(), cache)
         train = df.filter(pl.col("split") == "train")
         tr_mask = (df["split"] == "train").to_numpy()
-        tr_feats, tr_y = feats[tr_mask], train["label"].to_numpy()
-
-        # the shifted images of val/test, cut once and embedded once (shared by every seed); with partial_finetune
-        # also their trunk activations once (the trunk is frozen), which each seed's trained tail then reads
-        shifted: dict[tuple[str, str], np.ndarray] = {}
-        shifted_acts: dict[tuple[str, str], np.ndarray] = {}
-        trunk = None
-        if "partial_finetune" in chosen:
-            trunk, _ = backbone.partial_split(args.partial_blocks)
+        tr_y = train["label"].to_numpy()
+        # the shifted images of val/test, cut once (shared by every variant and seed)
+        shifted_paths: dict[tuple[str, str], list[str]] = {}
         for split in ("val", "test"):
             part = df.filter(pl.col("split") == split)
             for shift in SHIFTS:
@@ -227,15 +234,34 @@ def main(argv: list[str] | None = None) -> dict:
                     p = d / f"{rid}.jpg"
                     p.write_bytes(shifted_patch(shift, lat, lon, imagery_of(credit), cfg.source.earth))
                     paths.append(str(p))
-                f, okm = embed_paths(backbone, paths, desc=f"embedding {split} {shift}", onnx_cache=cache / "onnx")
+                shifted_paths[(split, shift)] = paths
+            print(f"cut {split}: {part.height} places x {len(SHIFTS)} shifts", flush=True)
+
+        features: dict[str, dict] = {}  # the backbone's preprocessing -> the frozen features it gives
+
+        def frozen(model_cfg) -> dict:
+            """The training embeddings and every shifted val/test image embedded once per preprocessing (shared by
+            every seed); with partial_finetune also their trunk activations (the trunk is frozen), which each seed's
+            trained tail then reads."""
+            backbone = backbone_for(model_cfg).eval()
+            name = backbone.cache_name
+            if name in features:
+                return features[name]
+            feats, ok = cached_embeddings(backbone, df["id"].to_list(), df["path"].to_list(), cache)
+            assert ok.all()
+            out = {"train": feats[tr_mask], "shifted": {}, "acts": {}}
+            trunk = backbone.partial_split(args.partial_blocks)[0] if "partial_finetune" in chosen else None
+            for key, paths in shifted_paths.items():
+                f, okm = embed_paths(backbone, paths, desc=f"embedding {' '.join(key)}", onnx_cache=cache / "onnx")
                 assert okm.all()
-                shifted[(split, shift)] = f
+                out["shifted"][key] = f
                 if trunk is not None:
-                    a, oka = cached_activations(trunk, backbone.preprocess, paths, Path(cfg.paths.data_dir) / "cache" / "activations",
-                                                f"shifted-{split}-{shift}-trunk{args.partial_blocks}")
+                    a, oka = cached_activations(trunk, backbone.preprocess, paths, Path(base.paths.data_dir) / "cache" / "activations",
+                                                f"shifted-{'-'.join(key)}-{backbone.cache_name}-trunk{args.partial_blocks}")
                     assert oka.all()
-                    shifted_acts[(split, shift)] = a
-            print(f"cut and embedded {split}: {part.height} places x {len(SHIFTS)} shifts", flush=True)
+                    out["acts"][key] = a
+            features[name] = out
+            return out
 
         base = copy.deepcopy(cfg)
         for (variant, overrides), seed in itertools.product(chosen.items(), args.seeds):
@@ -248,16 +274,17 @@ def main(argv: list[str] | None = None) -> dict:
             run_s[variant].append(time.perf_counter() - t_run)
             model, _ = load_model(run_dir / "checkpoints" / "model.pt")
             model.eval()
-            geo = Geolocator.from_pretrained(run_dir / "checkpoints" / "model.pt", engine="torch") if variant == "best" else None
+            geo = Geolocator.from_pretrained(run_dir / "checkpoints" / "model.pt", engine="torch") if variant.startswith("best") else None
+            fz = frozen(cfg.model)
             for split in ("val", "test"):
                 part = df.filter(pl.col("split") == split)
                 y, la, lo = part["label"].to_numpy(), part["lat"].to_numpy(), part["lon"].to_numpy()
                 for shift in SHIFTS:
-                    x = shifted[(split, shift)]
+                    x = fz["shifted"][(split, shift)]
                     with torch.inference_mode():
                         if variant == "partial_finetune":  # the trained tail over the frozen trunk's activations
                             _, tail = model.backbone.partial_split(args.partial_blocks)
-                            feats_x = tail_features(TailModel(tail, model.head), shifted_acts[(split, shift)])
+                            feats_x = tail_features(TailModel(tail, model.head), fz["acts"][(split, shift)])
                         else:
                             feats_x = torch.from_numpy(x)
                         dec = model.head.decode(model.head(feats_x))
@@ -267,15 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
                     pt = (dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy()) if dec.point is not None \
                         else (class_lat[pred], class_lon[pred])
                     if geo is not None:  # as shipped: reranking, refinement from the gallery (chosen on validation)
-                        got = geo.answer_outputs(probs, feats_x.numpy(), None if dec.point is None else dec.point.double().numpy(),
-                                                 truths=list(zip(la, lo)), top_k=5)
-                        pt = (np.array([g.lat for g in got]), np.array([g.lon for g in got]))
-                        probs = np.zeros_like(probs)  # the answer's ranked cells (for top-1 accuracy)
-                        for i, g in enumerate(got):
-                            for c in g.top:
-                                probs[i, cell_index[c.cell]] = c.probability
+                        probs, *pt = shipped_answers(geo, model, feats_x.numpy(), zip(la, lo), cell_index)
                     results = {"model": evaluate(probs, y, la, lo, *pt, countries=False)}
-                    sc, pla, plo = knn_predict(tr_feats, tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)
+                    sc, pla, plo = knn_predict(fz["train"], tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)
                     results["knn"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
                     sc, pla, plo = prior_predict(tr_y, n_cls, len(y), class_lat, class_lon)
                     results["prior"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
