@@ -95,7 +95,7 @@ def test_detail_names_its_own_embedding_cache_and_config_checks_it():
     assert backbone_for(cfg.model).preprocess.detail == 24
 
 
-def test_a_run_with_detail_and_exposure_ships_them_to_every_engine(trained_copy, tmp_path):
+def test_a_run_with_detail_and_exposure_ships_them_to_every_engine(trained_copy):
     """A run with model.detail_px and model.exposure embeds through them (its own cache), saves them in the model
     file, and the torch and ONNX predictors apply them: their answers equal the head over those pixels."""
     from geolocate.index import load_index
@@ -134,3 +134,5 @@ def test_a_run_with_detail_and_exposure_ships_them_to_every_engine(trained_copy,
         answer = geo._rerank(ref.astype(np.float64), out["features"])
         for p, r in zip(geo.predict([Path(q).read_bytes() for q in paths]), answer):
             assert p.top[0].cell == cells[int(np.argmax(r))]
+    alone = Geolocator.from_pretrained(run / "checkpoints" / "model.onnx")  # the export alone carries them in its metadata
+    assert (alone.preprocess.detail, alone.preprocess.exposure) == (40, 0.45)
