@@ -23,8 +23,9 @@ measured. ``best`` is the config's own recipe (the demo's: the gps head, decode-
 chosen on validation by the geo ablation, and the backbone's input invariances ``model.detail_px`` and
 ``model.exposure``) with ``--copies`` augmented copies (``augmented`` beat ``frozen_linear`` on validation),
 scored as the predictor answers (``Geolocator.answer_outputs``: reranking, refinement from the run's gallery).
-Its ablations: ``best_more_copies`` (twice the augmented copies), ``best_exposure`` (with exposure normalisation as
-well) and ``best_sharp`` (without the low-pass: ``best`` as first measured).
+Its ablations: ``best_more_copies`` (twice the augmented copies), ``best_detail48`` (a 48 px low-pass),
+``best_strong_augment`` (every augmentation op at p 0.8, brightness and gamma ± 0.3), ``best_exposure`` (with
+exposure normalisation as well) and ``best_sharp`` (without the low-pass: ``best`` as first measured).
 ``--merge`` keeps the other variants' rows of ``--out`` (same data, same seeds), so one variant can be added or
 rerun alone.
 
@@ -35,7 +36,8 @@ Writes
 
     python bench/bench_robustness.py [--count 6000] [--seeds 0 1 2] [--copies 2] [--partial-blocks 1] [--partial-epochs 4]
                                      [--variants frozen_linear augmented partial_finetune location_encoder best
-                                                 best_more_copies best_exposure best_sharp] [--merge]
+                                                 best_more_copies best_detail48 best_strong_augment best_exposure
+                                                 best_sharp] [--merge]
                                      [--config configs/demo.yaml]
 """
 from __future__ import annotations
@@ -82,6 +84,10 @@ def variants(copies: int, partial_blocks: int = 1, partial_epochs: int = 4) -> d
         "best": {"augment.copies": copies},
         # best with twice the augmented copies
         "best_more_copies": {"augment.copies": 2 * copies},
+        # best with a stronger low-pass (48 px)
+        "best_detail48": {"augment.copies": copies, "model.detail_px": 48},
+        # best with stronger augmentation: every op at p 0.8, brightness and gamma +- 0.3
+        "best_strong_augment": {"augment.copies": copies, "augment.p": 0.8, "augment.brightness": 0.3, "augment.gamma": 0.3},
         # best with exposure normalisation too (every input scaled to mean luminance 0.45; lost on validation)
         "best_exposure": {"augment.copies": copies, "model.exposure": 0.45},
         # best without the config's low-pass (model.detail_px), i.e. ``best`` as measured before it
@@ -153,7 +159,8 @@ def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all:
                 f"activations with {args.copies} augmented copies), location_encoder (GeoCLIP-style head on the frozen embeddings, "
                 f"answer = its gallery point), best (the config's own head, reranking, refinement and model.detail_px="
                 f"{base.model.detail_px}, augment.copies={args.copies}, scored as the predictor answers), best_more_copies (best with "
-                f"augment.copies={2 * args.copies}), best_exposure (best with "
+                f"augment.copies={2 * args.copies}), best_detail48 (best with model.detail_px=48), best_strong_augment (best with "
+                f"augment.p=0.8, brightness=0.3, gamma=0.3), best_exposure (best with "
                 f"model.exposure=0.45), best_sharp (best with model.detail_px=0); the first four with model.detail_px=0; "
                 f"val/test images re-cut under each shift, heldout_rendering = "
                 f"{base.source.earth.heldout_imagery}; kNN on each variant's own frozen embeddings; mean ± std over seeds",
