@@ -26,6 +26,14 @@ def build_earth(cfg: Config) -> None:
     make_splits(cfg, plot=False)
 
 
+def seed_spread(values, percent: bool = False) -> str:
+    """Mean ± std over seeds as the result files print it: km-like values to the unit, fractions as percent."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return f"{100 * v.mean():.1f} ± {100 * v.std():.1f} %" if percent else f"{v.mean():,.0f} ± {v.std():,.0f}"
+
+
 def shipped_answers(geo, model, feats, truths, cell_index: dict[str, int]):
     """(cell scores (N, C): the answer's ranked cells, lat, lon) for features ``feats`` (the head's input) through
     ``model``'s head and the predictor ``geo``'s decode-time steps (reranking, refinement from the run's gallery):

@@ -20,7 +20,6 @@ Writes ``bench/results/benchmark.json``: ``rows`` of ``{"seed", "predictor", "sp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,11 +34,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
-from _workspace import build_earth, shipped_answers, workspace_config  # noqa: E402
+from _workspace import build_earth, seed_spread, shipped_answers, workspace_config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "benchmark.json"
-METRICS = ("n", "median_km", "p90_km", "top1_acc", "geoscore")
 
 
 def row(seed: int, predictor: str, split: str, shift: str, m: dict) -> dict:
@@ -53,13 +51,9 @@ def summarise(rows: list[dict]) -> list[dict]:
     keys = dict.fromkeys((r["predictor"], r["split"], r["shift"]) for r in rows)
     for predictor, split, shift in keys:
         sel = [r for r in rows if (r["predictor"], r["split"], r["shift"]) == (predictor, split, shift)]
-        s = {"predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"]}
-        for k in ("median_km", "p90_km", "geoscore"):
-            v = np.array([r[k] for r in sel])
-            s[k] = f"{v.mean():,.0f} ± {v.std():,.0f}"
-        v = np.array([r["top1_acc"] for r in sel])
-        s["top1"] = f"{100 * v.mean():.1f} ± {100 * v.std():.1f} %"
-        out.append(s)
+        out.append({"predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"],
+                    **{k: seed_spread([r[k] for r in sel]) for k in ("median_km", "p90_km", "geoscore")},
+                    "top1": seed_spread([r["top1_acc"] for r in sel], percent=True)})
     return out
 
 
@@ -79,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     from geolocate.models import backbone_for, load_model
     from geolocate.runs.experiment import run_experiment
     from geolocate.serving import Geolocator
-    from geolocate.sources.base import heldout_records_dir
+    from geolocate.sources.base import RecordPaths, heldout_records_dir, read_records_frame
     from geolocate.training.embeddings import cached_embeddings, embed_paths
 
     t_all = time.perf_counter()
@@ -103,15 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
         tr_feats, ok = cached_embeddings(backbone, train["id"].to_list(), train["path"].to_list(), cache)
         assert ok.all()
         # the held-out rendering of every val/test place (same place = same sequence and centre)
-        held = pl.read_ndjson(heldout_records_dir(cfg.paths.data_dir) / "earth.jsonl")
-        held = held.with_columns(pl.col("id").str.replace(r"-[a-z0-9]+$", "").alias("place"))
+        held = read_records_frame(heldout_records_dir(cfg.paths.data_dir) / "earth.jsonl").with_columns(
+            RecordPaths.of(cfg.paths.data_dir).resolve_expr("path"), pl.col("id").str.replace(r"-[a-z0-9]+$", "").alias("place"))
         parts = {}
         for split in ("val", "test"):
             part = df.filter(pl.col("split") == split).with_columns(pl.col("id").str.replace(r"-[a-z0-9]+$", "").alias("place"))
-            places = part.unique("place", keep="first", maintain_order=True).select("place", "label", "lat", "lon")
-            h = held.join(places.select("place", "label"), on="place", how="inner")
-            paths = [str(Path(cfg.paths.data_dir) / p) if not Path(p).is_absolute() else p for p in h["path"].to_list()]
-            feats, okh = embed_paths(backbone, paths, desc=f"embedding held-out {split}", onnx_cache=cache / "onnx")
+            places = part.unique("place", keep="first", maintain_order=True).select("place", "label")
+            h = held.join(places, on="place", how="inner")
+            feats, okh = embed_paths(backbone, h["path"].to_list(), desc=f"embedding held-out {split}", onnx_cache=cache / "onnx")
             assert okh.all()
             parts[split] = (h, feats)
         rows, run_s = [], []

@@ -157,7 +157,7 @@ def conformal_resampled_rows(ws: Workspace, seed: int, resamples: int = 200) -> 
     geo = Geolocator.from_pretrained(model, engine="auto")
     df = load_index(ws.cfg)[0].filter(pl.col("split").is_in(["val", "test"]))
     samples = group_views(df, geo.fusion_slots or ("N", "E", "S", "W"))
-    paths = [str(Path(ws.cfg.paths.data_dir) / p) if not Path(p).is_absolute() else p for p in df["path"].to_list()]
+    paths = df["path"].to_list()  # load_index gives real paths
     groups = [[paths[r] for r in row if r >= 0] for row in samples.rows]
     cells = {c["cell"]: i for i, c in enumerate(geo.classes)}
     probs = np.zeros((len(groups), len(geo.classes)))
@@ -189,8 +189,7 @@ def _single_view_images(ws: Workspace, split: str) -> tuple[list[str], list[tupl
     from geolocate.index import load_index
 
     df = load_index(ws.cfg)[0].filter((pl.col("split") == split) & (pl.col("view") == "N"))
-    paths = [str(Path(ws.cfg.paths.data_dir) / p) if not Path(p).is_absolute() else p for p in df["path"].to_list()]
-    return paths, list(zip(df["lat"].to_list(), df["lon"].to_list())), df["sequence_id"].to_list()
+    return df["path"].to_list(), list(zip(df["lat"].to_list(), df["lon"].to_list())), df["sequence_id"].to_list()
 
 
 def _errors_row(errors: list[float]) -> dict:

@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
-from _workspace import build_earth, shipped_answers, workspace_config  # noqa: E402
+from _workspace import build_earth, seed_spread, shipped_answers, workspace_config  # noqa: E402
 from geolocate.io import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "robustness.json"
@@ -138,13 +138,10 @@ def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all:
                and r["shift"] == shift]
         if not sel:
             continue
-        med = np.array([r["median_km"] for r in sel])
-        top1 = np.array([r["top1_acc"] for r in sel])
-        gs = np.array([r["geoscore"] for r in sel])
         summary.append({"variant": variant, "predictor": predictor, "split": split, "shift": shift, "seeds": len(sel), "n": sel[0]["n"],
-                        "median_km": f"{med.mean():,.0f} ± {med.std():,.0f}",
-                        "top1": f"{100 * top1.mean():.1f} ± {100 * top1.std():.1f} %",
-                        "geoscore": f"{gs.mean():,.0f} ± {gs.std():,.0f}"})
+                        "median_km": seed_spread([r["median_km"] for r in sel]),
+                        "top1": seed_spread([r["top1_acc"] for r in sel], percent=True),
+                        "geoscore": seed_spread([r["geoscore"] for r in sel])})
     ratios: dict = {}  # each shift's mean median over the unshifted one (targets for best: photometric <= 1.15x, heldout <= 2x)
     for r in rows:
         if r["predictor"] == "model":
@@ -193,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     from geolocate.evaluation import evaluate, knn_predict, prior_predict
     from geolocate.index import load_index
     from geolocate.models import backbone_for, load_model
-    from geolocate.runs.experiment import run_experiment
+    from geolocate.runs.experiment import decode_split, run_experiment
     from geolocate.serving import Geolocator
     from geolocate.training.embeddings import cached_embeddings, embed_paths
     from geolocate.training.partial import TailModel, cached_activations, tail_features
@@ -288,20 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
                 y, la, lo = part["label"].to_numpy(), part["lat"].to_numpy(), part["lon"].to_numpy()
                 for shift in SHIFTS:
                     x = fz["shifted"][(split, shift)]
-                    with torch.inference_mode():
-                        if variant == "partial_finetune":  # the trained tail over the frozen trunk's activations
-                            _, tail = model.backbone.partial_split(args.partial_blocks)
+                    if variant == "partial_finetune":  # the trained tail over the frozen trunk's activations
+                        _, tail = model.backbone.partial_split(args.partial_blocks)
+                        with torch.inference_mode():
                             feats_x = tail_features(TailModel(tail, model.head), fz["acts"][(split, shift)])
-                        else:
-                            feats_x = torch.from_numpy(x)
-                        dec = model.head.decode(model.head(feats_x))
-                    probs = dec.probabilities.double().numpy()
-                    pred = probs.argmax(1)
-                    # the head's answer point (location_encoder: its gallery), else the top class's anchor
-                    pt = (dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy()) if dec.point is not None \
-                        else (class_lat[pred], class_lon[pred])
+                    else:
+                        feats_x = torch.from_numpy(x)
                     if geo is not None:  # as shipped: reranking, refinement from the gallery (chosen on validation)
                         probs, *pt = shipped_answers(geo, model, feats_x.numpy(), zip(la, lo), cell_index)
+                    else:  # the head's own answer point (location_encoder: its gallery), else the top class's anchor
+                        probs, pt = decode_split(model.head, feats_x, class_lat, class_lon)
                     results = {"model": evaluate(probs, y, la, lo, *pt, countries=False)}
                     sc, pla, plo = knn_predict(fz["train"], tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)
                     results["knn"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
