@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         calibration: Annotated[Optional[list[Path]], typer.Option("--calibration", help="calibration images or folders (default: 128 images of the index's train split)")] = None,
         holdout: Annotated[Optional[list[Path]], typer.Option("--holdout", help="images to measure agreement on (default: 256 of the val split)")] = None,
         min_top1: Annotated[float, typer.Option("--min-top1", help="least top-1 agreement with fp32 on the held-out images")] = 0.90,
-        min_cosine: Annotated[float, typer.Option("--min-cosine", help="least mean logits cosine with fp32")] = 0.97,
+        min_cosine: Annotated[float, typer.Option("--min-cosine", help="least mean cosine with fp32 of the logits about their mean")] = 0.97,
         config: ConfigOpt = None, set_: SetOpt = None,
     ):
         """Static int8 ONNX (QDQ, per-channel), written only if it agrees with fp32 on held-out images; use with --engine onnx-int8."""

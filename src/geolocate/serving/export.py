@@ -275,7 +275,7 @@ def export_onnx_int8(model_path: str | Path, calibration: list, holdout: list, o
                      min_top1: float = INT8_MIN_TOP1, min_cosine: float = INT8_MIN_COSINE) -> tuple[Path, dict]:
     """Static int8 quantisation (QDQ, per-channel weights, min-max activations from ``calibration`` images) of the
     ONNX export, written only if it agrees with fp32 on the ``holdout`` images: top-1 agreement >= ``min_top1`` and
-    mean logits cosine >= ``min_cosine``. Returns (path, the measured gate). Raises :class:`ExportError` otherwise.
+    mean cosine of the centred logits >= ``min_cosine``. Returns (path, the measured gate). Raises :class:`ExportError` otherwise.
 
     Calibrate on training images and gate on others (the CLI uses the index's train and val splits).
     """
@@ -323,7 +323,10 @@ def export_onnx_int8(model_path: str | Path, calibration: list, holdout: list, o
     q.set_model_props(proto, props)
     data = proto.SerializeToString()
     q_logits = OnnxEngine(data).session.run(["logits"], {INPUT_NAME: x})[0]
-    cos = (ref_logits * q_logits).sum(1) / (np.linalg.norm(ref_logits, axis=1) * np.linalg.norm(q_logits, axis=1) + 1e-12)
+    # cosine of the logits about their own mean: the exported logits are log-probabilities, whose common offset
+    # (about -log C) would otherwise read ~1.0 whatever the cells' order
+    ref_c, q_c = ref_logits - ref_logits.mean(1, keepdims=True), q_logits - q_logits.mean(1, keepdims=True)
+    cos = (ref_c * q_c).sum(1) / (np.linalg.norm(ref_c, axis=1) * np.linalg.norm(q_c, axis=1) + 1e-12)
     gate = {"images": int(len(x)), "top1_agreement": float((ref_logits.argmax(1) == q_logits.argmax(1)).mean()),
             "mean_logits_cosine": float(cos.mean()), "min_top1": min_top1, "min_cosine": min_cosine}
     if gate["top1_agreement"] < min_top1 or gate["mean_logits_cosine"] < min_cosine:
