@@ -29,7 +29,9 @@ exposure normalisation as well) and ``best_sharp`` (without the low-pass: ``best
 ``--merge`` keeps the other variants' rows of ``--out`` (same data, same seeds), so one variant can be added or
 rerun alone.
 
-Model, kNN (k=1 on the variant's own frozen embeddings of the shifted images) and prior are scored on each.
+Model, kNN (k=1 on the variant's own frozen embeddings of the shifted images) and prior are scored on each; the
+``best*`` variants also at their earlier stages (``head_anchor``: the head's top cell's anchor; ``reranked_anchor``:
+after decode-time reranking, before refinement), with their ratios in ``stage_ratios_to_unshifted``.
 Writes
 ``bench/results/robustness.json`` with ``rows`` of ``{"variant", "predictor", "seed", "shift", "split", "n",
 "median_km", "top1_acc", "geoscore"}`` and a ``summary`` of mean ± std over seeds.
@@ -101,6 +103,8 @@ def apply(cfg, overrides: dict) -> None:
         setattr(getattr(cfg, section), name, copy.deepcopy(value))
 
 
+STAGES = ("head_anchor", "reranked_anchor")  # the shipped variants' earlier stages, scored beside their answer
+PREDICTORS = ("model", *STAGES, "knn", "prior")
 SHIFTS = ("none", "brightness_1.1", "brightness_0.9", "blur_1", "half_resolution", "heldout_rendering")
 
 
@@ -133,7 +137,7 @@ def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all:
     """The results file from the rows so far (written after every run, so an interrupted bench keeps its runs)."""
     summary = []
     for variant, predictor, split, shift in itertools.product(dict.fromkeys(r["variant"] for r in rows),
-                                                              ("model", "knn", "prior"), ("val", "test"), SHIFTS):
+                                                              PREDICTORS, ("val", "test"), SHIFTS):
         sel = [r for r in rows if r["variant"] == variant and r["predictor"] == predictor and r["split"] == split
                and r["shift"] == shift]
         if not sel:
@@ -142,12 +146,16 @@ def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all:
                         "median_km": seed_spread([r["median_km"] for r in sel]),
                         "top1": seed_spread([r["top1_acc"] for r in sel], percent=True),
                         "geoscore": seed_spread([r["geoscore"] for r in sel])})
-    ratios: dict = {}  # each shift's mean median over the unshifted one (targets for best: photometric <= 1.15x, heldout <= 2x)
-    for r in rows:
-        if r["predictor"] == "model":
-            ratios.setdefault(r["variant"], {}).setdefault(r["split"], {}).setdefault(r["shift"], []).append(r["median_km"])
-    ratios = {v: {sp: {sh: round(float(np.mean(m)) / float(np.mean(per["none"])), 3) for sh, m in per.items() if sh != "none"}
-                  for sp, per in by.items() if "none" in per} for v, by in ratios.items()}
+    def ratios_of(predictor: str) -> dict:
+        """each shift's mean median over the unshifted one, per variant and split"""
+        by: dict = {}
+        for r in rows:
+            if r["predictor"] == predictor:
+                by.setdefault(r["variant"], {}).setdefault(r["split"], {}).setdefault(r["shift"], []).append(r["median_km"])
+        return {v: {sp: {sh: round(float(np.mean(m)) / float(np.mean(per["none"])), 3) for sh, m in per.items() if sh != "none"}
+                    for sp, per in splits.items() if "none" in per} for v, splits in by.items()}
+    ratios = ratios_of("model")  # (targets for best: photometric <= 1.15x, heldout <= 2x)
+    stage_ratios = {stage: ratios_of(stage) for stage in STAGES}
     result = {
         "benchmark": "robustness",
         "what": f"{args.config.name} at {args.count} Earth patches, seeds {args.seeds}; variants: frozen_linear (frozen backbone + "
@@ -166,6 +174,9 @@ def build_result(args, rows: list[dict], chosen: dict, base, run_s: dict, t_all:
         "run_s": {v: [round(t, 1) for t in ts] for v, ts in run_s.items()},  # per seed; the first of a variant pays its embeddings
         "total_s": round(time.perf_counter() - t_all, 1),
         "ratios_to_unshifted": ratios,
+        # the shipped variants' answer before its decode-time steps (head_anchor) and after reranking only
+        # (reranked_anchor), each at the top cell's anchor: where the shifts' extra error enters
+        "stage_ratios_to_unshifted": stage_ratios,
         "summary": summary,
         "rows": rows,
     }
@@ -291,11 +302,17 @@ def main(argv: list[str] | None = None) -> dict:
                             feats_x = tail_features(TailModel(tail, model.head), fz["acts"][(split, shift)])
                     else:
                         feats_x = torch.from_numpy(x)
+                    results = {}
                     if geo is not None:  # as shipped: reranking, refinement from the gallery (chosen on validation)
                         probs, *pt = shipped_answers(geo, model, feats_x.numpy(), zip(la, lo), cell_index)
+                        # the stages before it, each at its top cell's anchor: the head alone, then reranked
+                        head_probs, _ = decode_split(model.head, feats_x, class_lat, class_lon)
+                        for stage, p in (("head_anchor", head_probs), ("reranked_anchor", probs)):
+                            k = p.argmax(1)
+                            results[stage] = evaluate(p, y, la, lo, class_lat[k], class_lon[k], countries=False)
                     else:  # the head's own answer point (location_encoder: its gallery), else the top class's anchor
                         probs, pt = decode_split(model.head, feats_x, class_lat, class_lon)
-                    results = {"model": evaluate(probs, y, la, lo, *pt, countries=False)}
+                    results = {"model": evaluate(probs, y, la, lo, *pt, countries=False)} | results
                     sc, pla, plo = knn_predict(fz["train"], tr_y, train["lat"].to_numpy(), train["lon"].to_numpy(), x, n_cls, k=cfg.eval.knn_k)
                     results["knn"] = evaluate(sc, y, la, lo, pla, plo, countries=False)
                     sc, pla, plo = prior_predict(tr_y, n_cls, len(y), class_lat, class_lon)
