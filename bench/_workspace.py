@@ -35,9 +35,10 @@ def seed_spread(values, percent: bool = False) -> str:
 
 
 def shipped_answers(geo, model, feats, truths, cell_index: dict[str, int]):
-    """(cell scores (N, C): the answer's ranked cells, lat, lon) for features ``feats`` (the head's input) through
-    ``model``'s head and the predictor ``geo``'s decode-time steps (reranking, refinement from the run's gallery):
-    the model as shipped, on images embedded elsewhere (shifted or held-out copies)."""
+    """(cell scores (N, C): the answer's ranked cells, lat, lon, the head's own probabilities (N, C)) for features
+    ``feats`` (the head's input) through ``model``'s head and the predictor ``geo``'s decode-time steps (reranking,
+    refinement from the run's gallery): the model as shipped, on images embedded elsewhere (shifted or held-out
+    copies), and the head's answer before those steps."""
     import numpy as np
     import torch
 
@@ -50,4 +51,4 @@ def shipped_answers(geo, model, feats, truths, cell_index: dict[str, int]):
     for i, g in enumerate(got):
         for c in g.top:
             scores[i, cell_index[c.cell]] = c.probability
-    return scores, np.array([g.lat for g in got]), np.array([g.lon for g in got])
+    return scores, np.array([g.lat for g in got]), np.array([g.lon for g in got]), probs

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             geo = Geolocator.from_pretrained(run_dir / "checkpoints" / "model.pt", engine="torch")
             for split, (h, feats) in parts.items():
                 y, la, lo = h["label"].to_numpy(), h["lat"].to_numpy(), h["lon"].to_numpy()
-                scores, pla, plo = shipped_answers(geo, model, feats, zip(la, lo), cell_index)
+                scores, pla, plo, _ = shipped_answers(geo, model, feats, zip(la, lo), cell_index)
                 rows.append(row(seed, "model", split, "heldout_rendering", evaluate(scores, y, la, lo, pla, plo, countries=False)))
                 sc, kla, klo = knn_predict(tr_feats, train["label"].to_numpy(), train["lat"].to_numpy(), train["lon"].to_numpy(),
                                            feats, n_cls, k=cfg.eval.knn_k)

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     from geolocate.evaluation import evaluate, knn_predict, prior_predict
     from geolocate.index import load_index
     from geolocate.models import backbone_for, load_model
-    from geolocate.runs.experiment import decode_split, run_experiment
+    from geolocate.runs.experiment import decode_split, run_experiment, top_anchors
     from geolocate.serving import Geolocator
     from geolocate.training.embeddings import cached_embeddings, embed_paths
     from geolocate.training.partial import TailModel, cached_activations, tail_features
@@ -304,12 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
                         feats_x = torch.from_numpy(x)
                     results = {}
                     if geo is not None:  # as shipped: reranking, refinement from the gallery (chosen on validation)
-                        probs, *pt = shipped_answers(geo, model, feats_x.numpy(), zip(la, lo), cell_index)
+                        probs, *pt, head_probs = shipped_answers(geo, model, feats_x.numpy(), zip(la, lo), cell_index)
                         # the stages before it, each at its top cell's anchor: the head alone, then reranked
-                        head_probs, _ = decode_split(model.head, feats_x, class_lat, class_lon)
                         for stage, p in (("head_anchor", head_probs), ("reranked_anchor", probs)):
-                            k = p.argmax(1)
-                            results[stage] = evaluate(p, y, la, lo, class_lat[k], class_lon[k], countries=False)
+                            results[stage] = evaluate(p, y, la, lo, *top_anchors(p, class_lat, class_lon), countries=False)
                     else:  # the head's own answer point (location_encoder: its gallery), else the top class's anchor
                         probs, pt = decode_split(model.head, feats_x, class_lat, class_lon)
                     results = {"model": evaluate(probs, y, la, lo, *pt, countries=False)} | results

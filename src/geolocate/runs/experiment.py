@@ -213,9 +213,9 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
     head_points = dict(split_points)  # the head's own points (its regressed ones, or the top cells' anchors)
     # a head that regresses a point answers with it only where it beats the top cell's anchor on validation
     use_head_point = bool(head.has_point) and ("val" not in split_probs or metric("median_km").better(
-        _median_km(val, split_points["val"]), _median_km(val, _anchors(split_probs["val"], class_lat, class_lon))))
+        _median_km(val, split_points["val"]), _median_km(val, top_anchors(split_probs["val"], class_lat, class_lon))))
     if head.has_point and not use_head_point:
-        split_points = {n: _anchors(p, class_lat, class_lon) for n, p in split_probs.items()}
+        split_points = {n: top_anchors(p, class_lat, class_lon) for n, p in split_probs.items()}
         console.print("answer point: the top cell's anchor (the head's regressed point loses to it on validation)",
                       markup=False, highlight=False)
     gallery = (build_gallery(train, backbone.cache_name, n_cls)
@@ -534,7 +534,8 @@ def refined_points(candidate: Refinement, feats: np.ndarray, probs: np.ndarray, 
     return r_lat, r_lon
 
 
-def _anchors(probs: np.ndarray, class_lat: np.ndarray, class_lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def top_anchors(probs: np.ndarray, class_lat: np.ndarray, class_lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of each row's top cell's anchor: the answer point of probabilities alone."""
     top = probs.argmax(1)
     return class_lat[top].astype(np.float64), class_lon[top].astype(np.float64)
 
@@ -551,7 +552,7 @@ def decode_split(head, feats: torch.Tensor, class_lat: np.ndarray, class_lon: np
     probs = dec.probabilities.double().numpy()
     if dec.point is not None:
         return probs, (dec.point[:, 0].double().numpy(), dec.point[:, 1].double().numpy())
-    return probs, _anchors(probs, class_lat, class_lon)
+    return probs, top_anchors(probs, class_lat, class_lon)
 
 
 def label_space(cfg, labels: dict) -> LabelSpace:
