@@ -145,6 +145,15 @@ def test_cli_csv_is_validated_and_never_overwritten_without_force(trained, photo
     (folder / "broken.jpg").unlink()
     r = runner.invoke(app, ["predict", str(folder), "--model", str(model), "--csv", str(out), "--force"])
     assert r.exit_code == 0 and validate_submission(out, 3) == 3
+    # two images with one id (a camera's folders both hold DSCN0010.jpg): refused before anything is predicted
+    before = out.read_text()
+    (folder / "100CAMERA").mkdir()
+    shutil.copy(photos_dir / names[0], folder / "100CAMERA" / names[0])
+    shutil.copy(photos_dir / names[1], folder / "100CAMERA" / (Path(names[1]).stem + ".png"))
+    r = runner.invoke(app, ["predict", str(folder), "--model", str(model), "--csv", str(out), "--force"])
+    assert r.exit_code == 2 and "predicted" not in r.output and out.read_text() == before, r.output
+    assert f"both have id '{Path(names[0]).stem}'" in r.output and "(2 ids clash)" in r.output
+    assert str(folder / "100CAMERA" / names[0]) in r.output and str(folder / names[0]) in r.output
 
 
 def test_a_run_without_a_test_split_reports_on_validation(trained_copy):

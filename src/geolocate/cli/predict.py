@@ -65,20 +65,26 @@ def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_ou
 
     from ..progress import progress_bar
     from ..serving.confidence import apply_min_confidence, set_sentence
-    from ..serving.submission import SubmissionError, submission_row, write_submission
+    from ..serving.submission import SubmissionError, check_unique_ids, submission_row, write_submission
 
     if csv_path is not None and csv_path.exists() and not force:
         fail(f"{csv_path} exists: give --force to overwrite it")
+    firsts = [Path(p[0] if isinstance(p, list) else p) for p in paths]  # a multi-view sample's id: its first view's
+    if csv_path is not None:
+        try:
+            check_unique_ids([f.stem for f in firsts], [str(f) for f in firsts])
+        except SubmissionError as e:
+            fail(str(e))
     rows: list[dict] = []
 
     geo = load_geolocator(model, engine, ensemble, tta)
     ok = bad = 0
     with progress_bar("predict", len(paths)) if len(paths) > 1 else contextlib.nullcontext(lambda *a, **k: None) as advance:
-        for path, p in zip(paths, geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths)):
+        for first, p in zip(firsts, geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths)):
             advance()
             apply_min_confidence(p, min_confidence)
             if csv_path is not None:
-                rows.append(submission_row(Path(path[0] if isinstance(path, list) else path).stem, p))
+                rows.append(submission_row(first.stem, p))
             for d in p.dropped if not p.error else ():
                 err_console.print(tagged("warning", f"{p.source}: view dropped: {d}"), highlight=False, soft_wrap=True)
             if p.error:

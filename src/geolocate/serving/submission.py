@@ -4,6 +4,7 @@ One row per input image: ``id`` is the file name without its extension, ``region
 region (``CC/admin1``, class probabilities summed per region), ``lat, lon`` the answer point. The file is
 checked before it replaces anything (``validate_submission``): the header, one row per input, unique ids, no
 empty field, finite coordinates in range; each problem is one :class:`SubmissionError` line naming the row.
+Inputs whose ids clash are refused before anything is predicted (:func:`check_unique_ids`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,24 @@ def submission_row(image_id: str, pred) -> dict:
     row["lat"] = "" if pred.error or pred.lat is None else f"{pred.lat:.6f}"
     row["lon"] = "" if pred.error or pred.lon is None else f"{pred.lon:.6f}"
     return row
+
+
+def check_unique_ids(ids: Sequence[str], sources: Sequence[str]) -> None:
+    """Raise :class:`SubmissionError` naming the first two inputs that share an id (a file name without its
+    extension: ``a/IMG_1.jpg`` and ``b/IMG_1.jpg``, or ``x.jpg`` and ``x.png``), and how many ids clash: checked
+    before anything is predicted, since such an answer file could never be valid."""
+    first: dict[str, str] = {}
+    clashes: list[tuple[str, str, str]] = []
+    for i, src in zip(ids, sources):
+        if i in first:
+            clashes.append((i, first[i], src))
+        else:
+            first[i] = src
+    if clashes:
+        i, a, b = clashes[0]
+        more = f" ({len({c[0] for c in clashes})} ids clash)" if len(clashes) > 1 else ""
+        raise SubmissionError(f"{a} and {b} both have id {i!r} (the file name without its extension){more}: "
+                              "an answer CSV needs one id per image; predict them into separate CSVs or rename them")
 
 
 def _text(rows: Iterable[dict]) -> str:
