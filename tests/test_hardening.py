@@ -220,6 +220,8 @@ def _n_classes(ck: dict) -> int:
     ("labels_not_a_dict", lambda ck: ck.update(labels=[1, 2]), "not a labels dict"),
     ("class_without_centroid", lambda ck: ck["labels"]["classes"][0].pop("lat"), "a class without cell, lat, lon, place"),
     ("no_preprocess_size", lambda ck: ck["preprocess"].pop("size"), "no usable preprocess"),
+    ("preprocess_out_of_range", lambda ck: ck["preprocess"].update(detail=ck["preprocess"]["size"] + 1), "preprocess .* is not usable"),
+    ("preprocess_not_numbers", lambda ck: ck["preprocess"].update(mean="grey"), "preprocess .* is not usable"),
 ])
 def test_wrong_model_files_are_one_line(trained, tmp_path, photos_dir, name, change, message):
     _, _, model = trained
@@ -229,6 +231,27 @@ def test_wrong_model_files_are_one_line(trained, tmp_path, photos_dir, name, cha
     r = runner.invoke(app, ["predict", str(photos_dir / GOOD), "--model", str(bad)])
     assert r.exit_code == 2 and message.split(" ")[0] in r.output and str(bad) in r.output.replace("\n", "")
     one_error_line(r.output)
+
+
+def test_a_model_reads_its_inputs_with_the_preprocessing_it_was_trained_with(trained, tmp_path, photos_dir):
+    """Not the backbone's defaults of today: a file recording other pixels (size, mean, std, low-pass, exposure)
+    gets exactly those, so the head sees what it was trained on."""
+    from geolocate.models import load_model
+
+    _, _, model = trained
+    base, _ = load_model(model)
+    other = {"size": 192, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "detail": 64, "exposure": 0.4}
+    moved = _model_variant(model, tmp_path / "other_pixels.pt", lambda ck: ck["preprocess"].update(other))
+    m, info = load_model(moved)
+    assert m.preprocess.to_dict() == {**other, "mean": (0.5,) * 3, "std": (0.25,) * 3} and info["preprocess"] == other
+    assert base.preprocess.to_dict() != m.preprocess.to_dict()
+    x = m.preprocess.batch([str(photos_dir / GOOD)])
+    assert x.shape == (1, 3, 192, 192)
+    # mean 0.5, std 0.25: every value lies in [-2, 2], and an image this size is not one flat colour
+    assert -2.0 <= x.min() < x.max() <= 2.0 and x.std() > 0.1
+    a = Geolocator.from_pretrained(model, engine="torch").predict(photos_dir / GOOD)[0]
+    b = Geolocator.from_pretrained(moved, engine="torch").predict(photos_dir / GOOD)[0]
+    assert a.error is None and b.error is None and a.top[0].probability != b.top[0].probability
 
 
 def test_bad_last_checkpoint_on_resume_is_one_line(trained_copy):

@@ -6,7 +6,8 @@ pretrained one: its weights come from its package), ``head`` (registered name) a
 ``head_kwargs``, ``head_state``, ``num_features``, ``labels`` (the label space,
 labels.json v2), ``preprocess``, ``meta`` (run id, metrics, ...), and for a multi-view model ``fusion``
 (registered name, None for a single-view model), ``fusion_kwargs`` (its view slots among them) and
-``fusion_state``. So any backbone x fusion x head x label space combination is rebuilt from the file alone.
+``fusion_state``. So any backbone x fusion x head x label space combination is rebuilt from the file alone, and
+it reads its inputs with the ``preprocess`` it was trained with.
 
 A ``geolocate-model/1`` file (linear head, labels v1, no temperature buffer) still loads.
 """
@@ -20,6 +21,7 @@ import torch
 from ..io import atomic_write, one_line, sidecar_path, verify_sidecar  # noqa: F401 - sidecar_path re-exported
 from .backbones import create_backbone
 from ..labels import LabelSpace, LabelSpaceError
+from ..preprocess import Preprocess
 from .fusion import create_fusion
 from .heads import GeoModel, create_head
 
@@ -77,8 +79,14 @@ def load_model(path: str | Path) -> tuple[GeoModel, dict]:
     if not isinstance(pp, dict) or not {"size", "mean", "std"} <= pp.keys():
         raise ValueError(f"{path}: no usable preprocess (size, mean, std): a damaged model file")
     try:
-        backbone = create_backbone(str(ck["backbone"]), pretrained=ck["backbone_state"] is None, detail=int(pp.get("detail", 0)),
-                                   exposure=float(pp.get("exposure", 0.0)))
+        preprocess = Preprocess.from_dict(pp)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its preprocess {pp} is not usable ({one_line(e)}): a damaged model file") from None
+    try:
+        backbone = create_backbone(str(ck["backbone"]), pretrained=ck["backbone_state"] is None)
+        # the pixels the head was trained on: the file's record (size, mean, std, low-pass, exposure), not whatever
+        # the backbone's code (or an upgraded library behind it) defaults to today
+        backbone.preprocess = preprocess
     except KeyError as e:
         raise ValueError(f"{path}: {e.args[0]}") from None
     except Exception as e:  # noqa: BLE001 - an optional backbone library that is missing or fails
