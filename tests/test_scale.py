@@ -64,6 +64,63 @@ def test_store_rejects_bad_features_and_rebuilds_an_unreadable_index(tmp_path, c
     assert len(EmbeddingStore.open(tmp_path, "cc", 8).index) == 0
 
 
+def test_compaction_keeps_every_id_and_its_features_and_frees_the_rest(tmp_path, monkeypatch):
+    import gc
+
+    import geolocate.training.store as S
+    from typer.testing import CliRunner
+
+    from geolocate.cli import app
+
+    monkeypatch.setattr(S, "SHARD_ROWS", 40)
+    rng = np.random.default_rng(2)
+    cache = tmp_path / "data" / "cache" / "embeddings"
+    store = EmbeddingStore.open(cache, "bb", 12)
+    root = cache / "bb"
+    ids = [f"i{k}" for k in range(100)]
+    store.append(ids, [f"d{k}" for k in range(100)], ["s"] * 100, rng.normal(size=(100, 12)).astype(np.float32))  # shards 0-2
+    store.append(["i3"], ["new"], ["s2"], np.full((1, 12), 0.5, np.float32))                # shard 3; i3's old row is dead
+    store.append([f"n{k}" for k in range(5)], ["e"] * 5, ["s"] * 5, rng.normal(size=(5, 12)).astype(np.float32))  # shard 4
+    i10 = store.location(np.asarray([store.entries()["i10"]]))[0]
+    store.commit({"dup": ("d10", "s", int(i10[0]), int(i10[1]))})                          # two ids, one row
+    np.save(root / "shard-007.npy", np.zeros((9, 12), np.float16))                          # a crashed append's shard
+    (root / ".shard-008.npy.x1y2.npy").write_bytes(b"half a shard")                         # and a temp file
+    all_ids = ids + [f"n{k}" for k in range(5)] + ["dup"]
+    before = store.features(all_ids)
+    index_before = (store.index.ids.tolist(), store.index.digests.tolist(), store.index.stamps.tolist())
+    files_before = {f.name: f.read_bytes() for f in root.iterdir() if f.is_file()}
+    # another reader has the store open (a run, a server): refused, nothing touched
+    with pytest.raises(S.StoreBusy, match="in use by another reader"):
+        EmbeddingStore.at(root).compact()
+    assert {f.name: f.read_bytes() for f in root.iterdir() if f.is_file()} == files_before
+    runner = CliRunner()
+    r = runner.invoke(app, ["cache-compact", "--set", f"paths.data_dir={tmp_path / 'data'}"])
+    assert r.exit_code == 1 and "in use by another reader" in r.output and "not compacted" in r.output
+    del store
+    gc.collect()
+    rep = EmbeddingStore.at(root).compact()
+    assert (rep.entries, rep.rows_before, rep.rows_after, rep.shards_before, rep.shards_after) == (106, 115, 105, 6, 3)
+    assert sorted(f.name for f in root.glob("*shard-*")) == ["shard-008.npy", "shard-009.npy", "shard-010.npy"]
+    assert rep.bytes_freed == sum(len(b) for n, b in files_before.items() if "shard-" in n) - sum(
+        f.stat().st_size for f in root.glob("shard-*.npy"))
+    again = EmbeddingStore.open(cache, "bb", 12)  # a fresh process: every id, digest and stamp, the same float16 values
+    assert (again.index.ids.tolist(), again.index.digests.tolist(), again.index.stamps.tolist()) == index_before
+    assert np.array_equal(again.features(all_ids), before) and np.allclose(again.features(["i3"]), 0.5)
+    loc = again.location(np.asarray([again.entries()[i] for i in ("i10", "dup")]))
+    assert (loc[0] == loc[1]).all()  # the shared row stays shared
+    # appends go on after it; a compact store is left as it is; the command says what it did
+    again.append(["z"], ["dz"], ["s"], np.ones((1, 12), np.float32))
+    assert (root / "shard-011.npy").exists() and np.allclose(again.features(["z"]), 1.0)
+    del again
+    gc.collect()
+    r = runner.invoke(app, ["cache-compact", "--set", f"paths.data_dir={tmp_path / 'data'}"])
+    assert r.exit_code == 0 and "bb: 107 entries; 106 rows in 4 shard file(s) -> 106 in 3, freed" in r.output, r.output
+    files = {f.name: f.read_bytes() for f in root.iterdir() if f.is_file()}
+    assert EmbeddingStore.at(root).compact().bytes_freed == 0 and {f.name: f.read_bytes() for f in root.iterdir() if f.is_file()} == files
+    r = runner.invoke(app, ["cache-compact", "--set", f"paths.data_dir={tmp_path / 'nothing'}"])
+    assert r.exit_code == 0 and "no embedding store under" in r.output
+
+
 def test_an_npz_cache_of_the_previous_version_is_migrated(tmp_path, capsys):
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(5, 6)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Dataset commands: build-dataset, index, split."""
+"""Dataset commands: build-dataset, index, split, cache-compact."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..progress import tagged
-from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
+from .common import ConfigOpt, SetOpt, err_console, fail, human_bytes, load_config, out_console
 
 
 def build_dataset(cfg, source: str) -> int:
@@ -61,6 +61,32 @@ def split_cmd(cfg) -> dict:
     return counts
 
 
+def compact_caches(cache_dir: Path) -> int:
+    """Compact every embedding store under ``cache_dir`` (one line each); return how many were busy or unreadable."""
+    from ..training.store import INDEX, EmbeddingStore, StoreBusy, StoreError
+
+    roots = sorted(p.parent for p in cache_dir.glob(f"*/{INDEX}"))
+    if not roots:
+        out_console.print(f"cache-compact: no embedding store under {cache_dir}", markup=False, highlight=False, soft_wrap=True)
+        return 0
+    problems = 0
+    for root in roots:
+        try:
+            r = EmbeddingStore.at(root).compact()
+        except StoreBusy as e:
+            problems += 1
+            err_console.print(tagged("warning", str(e)), highlight=False, soft_wrap=True)
+            continue
+        except StoreError as e:
+            problems += 1
+            err_console.print(tagged("error", str(e), "red"), highlight=False, soft_wrap=True)
+            continue
+        out_console.print(f"{root.name}: {r.entries} entries; {r.rows_before} rows in {r.shards_before} shard file(s) -> "
+                          f"{r.rows_after} in {r.shards_after}, freed {human_bytes(r.bytes_freed)}",
+                          markup=False, highlight=False, soft_wrap=True)
+    return problems
+
+
 def register(app: typer.Typer) -> None:
     @app.command("build-dataset")
     def build_dataset_command(
@@ -103,3 +129,12 @@ def register(app: typer.Typer) -> None:
     def split_command(config: ConfigOpt = None, set_: SetOpt = None):
         """Sequence-aware train/val/test split (data/index/splits.parquet)."""
         split_cmd(load_config(config, set_))
+
+    @app.command("cache-compact")
+    def cache_compact_command(config: ConfigOpt = None, set_: SetOpt = None):
+        """Rewrite each embedding store under data/cache/embeddings/ to the rows its index references (features of
+        changed images, crashed appends and one small shard per run go). A store in use by a run or a server is left
+        as it is (exit 1); the ids and features kept are unchanged."""
+        cfg = load_config(config, set_)
+        if compact_caches(Path(cfg.paths.data_dir) / "cache" / "embeddings"):
+            raise typer.Exit(1)

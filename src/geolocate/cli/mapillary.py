@@ -9,18 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from ..progress import tagged
-from .common import ConfigOpt, SetOpt, err_console, fail, load_config, out_console
+from .common import ConfigOpt, SetOpt, err_console, fail, human_bytes, load_config, out_console
 
 # the order `geolocate batch` runs things in; a missing command is skipped with a warning
 BATCH_STEPS = ("download", "index", "split", "train", "export", "clean-raw")
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _geolocate_argv() -> list[str]:
@@ -81,7 +73,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(130)
         s = stats
         out_console.print(
-            f"mapillary: {len(areas)} area(s); listed {s.listed} new, downloaded {s.downloaded} ({_human_bytes(s.bytes)})"
+            f"mapillary: {len(areas)} area(s); listed {s.listed} new, downloaded {s.downloaded} ({human_bytes(s.bytes)})"
             + (f", adopted {s.adopted}" if s.adopted else "") + (f", failed {s.failed}" if s.failed else "")
             + f"; {s.done_total} images in total in {Path(cfg.paths.data_dir) / 'records' / 'mapillary.jsonl'}"
             + (f"; waited {s.quota_wait_s:.0f}s on the quota" if s.quota_waits else "") + f" ({s.elapsed_s:.1f}s)",
@@ -113,7 +105,7 @@ def register(app: typer.Typer) -> None:
                 out_console.print(f"  {f}", highlight=False, soft_wrap=True)
             if len(plan.files) > 20:
                 out_console.print(f"  ... and {len(plan.files) - 20} more", highlight=False, soft_wrap=True)
-        out_console.print(f"clean-raw: {verb} {len(plan.files)} raw file(s) under {root / 'raw'}, freeing {_human_bytes(plan.bytes)}"
+        out_console.print(f"clean-raw: {verb} {len(plan.files)} raw file(s) under {root / 'raw'}, freeing {human_bytes(plan.bytes)}"
                           f" ({plan.indexed} indexed, {plan.already_gone} already gone, {plan.outside_raw} outside raw/ kept)",
                           highlight=False, soft_wrap=True)
 

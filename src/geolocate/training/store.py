@@ -15,6 +15,12 @@ Reading never loads the store: :class:`FeatureView` is a list of rows over the m
 at a time (``view.rows(idx)``, ``view[a:b]``) as float32; only the pages touched are read. 1M x 1280 features
 take 2.6 GB on disk instead of 5.1 GB of float32 in RAM. The single-file ``<cache_name>.npz`` cache of earlier
 versions is migrated into the store the first time it is opened (the npz file is left in place, unused).
+
+Appends never rewrite a shard, so features replaced by newer ones (an image whose content changed), crashed
+appends and one small shard per run accumulate: :meth:`EmbeddingStore.compact` (``geolocate cache-compact``)
+rewrites the rows the index references into full shards and deletes every other shard file. Every open store
+holds a shared lock on ``.readers`` (its views read the shard files lazily); compaction needs the exclusive one,
+so it never runs under a reader: a store in use is reported busy and left as it is.
 """
 from __future__ import annotations
 
@@ -24,10 +30,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: stores work, compaction does not
+    fcntl = None
+
 from ..io import atomic_write
 from ..progress import console, tagged
 
 INDEX = "index.parquet"
+READERS = ".readers"  # every open store holds a shared flock on it; compaction takes it exclusively
 SHARD_ROWS = 1 << 17   # rows per shard written by one append (131072 x 1280 float16 = 335 MB)
 CONTIGUOUS_READ = 4096  # a gather of at least this many consecutive rows of a shard reads the file instead of the map
 
@@ -58,6 +70,22 @@ class StoreError(ValueError):
     """A store whose index or shards are unreadable or inconsistent."""
 
 
+class StoreBusy(StoreError):
+    """A store another process (or another open store in this one) is reading: not compacted."""
+
+
+@dc.dataclass(frozen=True)
+class Compaction:
+    """What :meth:`EmbeddingStore.compact` did: rows and shard files before and after, bytes freed."""
+    root: Path
+    entries: int        # ids in the index (unchanged)
+    rows_before: int    # rows in the shard files before
+    rows_after: int     # distinct rows the index references (the rows kept)
+    shards_before: int  # shard files (temp files of crashed appends not counted, but deleted)
+    shards_after: int
+    bytes_freed: int
+
+
 class EmbeddingStore:
     """One backbone's sharded store; see the module docstring."""
 
@@ -65,7 +93,21 @@ class EmbeddingStore:
         self.root = Path(root)
         self.num_features = int(num_features)
         self._maps: dict[int, np.ndarray] = {}
+        self._readers = _reader_lock(self.root)  # held while this store (or a view of it) lives
         self.index = self._read_index()
+
+    @classmethod
+    def at(cls, root: str | Path) -> "EmbeddingStore":
+        """The existing store at ``root``, its feature size read off its shards."""
+        root = Path(root)
+        shards = sorted(root.glob("shard-*.npy"))
+        if not (root / INDEX).exists() or not shards:
+            raise StoreError(f"{root}: not an embedding store (no {INDEX} and shards)")
+        try:
+            f = np.load(shards[0], mmap_mode="r", allow_pickle=False).shape[1]
+        except (OSError, ValueError, IndexError) as e:
+            raise StoreError(f"embedding store {root}: {shards[0].name} unreadable ({type(e).__name__})") from None
+        return cls(root, f)
 
     # ---- opening ---------------------------------------------------------------
     @classmethod
@@ -205,6 +247,66 @@ class EmbeddingStore:
             loc[s:s + len(block), 0], loc[s:s + len(block), 1] = shard, np.arange(len(block))
         return loc
 
+    def compact(self, max_block_bytes: int = 256 << 20) -> Compaction:
+        """Rewrite the rows the index references into full shards (numbered after every shard file present) and
+        delete every other shard file: replaced features, rows of crashed appends, one small shard per append.
+
+        Under the writers' lock and the exclusive readers' lock (:class:`StoreBusy` when another open store holds
+        it). New shards are written first and the index replaced atomically before anything is deleted, so a crash
+        leaves at worst unreferenced shards (the next compaction deletes them); ids, digests and features are
+        unchanged (the same float16 values).
+        """
+        from filelock import FileLock
+
+        if not (self.root / INDEX).exists():
+            raise StoreError(f"{self.root}: not an embedding store (no {INDEX})")
+        if fcntl is None:
+            raise StoreError(f"embedding store {self.root}: compaction needs POSIX file locks (fcntl), not on this system")
+        with FileLock(str(self.root / ".lock")):
+            try:
+                fcntl.flock(self._readers, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts this store's own shared lock
+            except BlockingIOError:
+                fcntl.flock(self._readers, fcntl.LOCK_SH)  # a failed conversion may have dropped the shared lock
+                raise StoreBusy(f"embedding store {self.root}: in use by another reader (a run, a server): "
+                                "not compacted; try again when it is idle") from None
+            try:
+                self.index = self._read_index()
+                # every shard file, and the temp files of appends that crashed (no append runs under the lock)
+                files = sorted(self.root.glob("shard-*.npy")) + sorted(self.root.glob(".shard-*"))
+                numbers = [int(f.stem.split("-")[1]) for f in files if f.stem.startswith("shard-") and f.stem[6:].isdigit()]
+                rows_before = sum(_rows_in(self.root / shard_name(n)) for n in numbers)
+                bytes_before = sum(f.stat().st_size for f in files)
+                loc = np.stack([self.index.shard.astype(np.int64), self.index.row], 1)
+                keep, where = np.unique(loc, axis=0, return_inverse=True)  # distinct rows, in (shard, row) order
+                if rows_before == len(keep) and len(files) == len(numbers) <= -(-len(keep) // SHARD_ROWS):
+                    # already compact: every row referenced, full shards, no leftovers
+                    return Compaction(self.root, len(self.index), rows_before, rows_before, len(numbers), len(numbers), 0)
+                first = max(numbers, default=-1) + 1
+                new_loc = np.zeros((len(keep), 2), np.int64)
+                block = max(1, max_block_bytes // max(2 * self.num_features, 1))
+                view = self.view(keep)
+                for k, s0 in enumerate(range(0, len(keep), SHARD_ROWS)):  # one shard at a time, read in blocks
+                    n = min(SHARD_ROWS, len(keep) - s0)
+                    out = np.empty((n, self.num_features), np.float16)
+                    for b in range(0, n, block):
+                        out[b:b + block] = view.rows(slice(s0 + b, s0 + min(b + block, n)))
+                    shard = first + k
+                    atomic_write(self.root / shard_name(shard), lambda p, o=out: np.save(p, o, allow_pickle=False), suffix=".npy")
+                    new_loc[s0:s0 + n, 0], new_loc[s0:s0 + n, 1] = shard, np.arange(n)
+                moved = new_loc[where.ravel()]
+                self.index = dc.replace(self.index, shard=moved[:, 0].astype(np.int32), row=moved[:, 1].astype(np.int64))
+                self._maps = {}
+                self._write_index()
+                kept = {shard_name(int(x)) for x in np.unique(new_loc[:, 0]).tolist()} if len(keep) else set()
+                for f in files:
+                    if f.name not in kept:
+                        f.unlink(missing_ok=True)
+                after = sorted(self.root.glob("shard-*.npy"))
+                return Compaction(self.root, len(self.index), int(rows_before), int(len(keep)), len(numbers), len(after),
+                                  int(bytes_before - sum(f.stat().st_size for f in after)))
+            finally:
+                fcntl.flock(self._readers, fcntl.LOCK_SH)
+
     def _write_index(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -288,6 +390,25 @@ class FeatureView:
     def ok(self) -> np.ndarray:
         """Which rows exist (not missing)."""
         return self.loc[:, 1] >= 0
+
+
+def _rows_in(path: Path) -> int:
+    """Rows of a shard file (0 when it is unreadable: compaction deletes it all the same)."""
+    try:
+        return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _reader_lock(root: Path):
+    """An open file on ``root/.readers`` holding a shared flock (released when it is closed or collected); None
+    where the system has no flock (no compaction there)."""
+    if fcntl is None:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    fh = open(root / READERS, "a+b")  # noqa: SIM115 - lives as long as the store
+    fcntl.flock(fh, fcntl.LOCK_SH)  # waits while a compaction holds it exclusively
+    return fh
 
 
 def _read_rows(mm: np.memmap, start: int, count: int) -> np.ndarray:
