@@ -260,8 +260,8 @@ class EmbeddingStore:
 
         if not (self.root / INDEX).exists():
             raise StoreError(f"{self.root}: not an embedding store (no {INDEX})")
-        if fcntl is None:
-            raise StoreError(f"embedding store {self.root}: compaction needs POSIX file locks (fcntl), not on this system")
+        if self._readers is None:
+            raise StoreError(f"embedding store {self.root}: compaction needs a lock file with flock (POSIX), not available here")
         with FileLock(str(self.root / ".lock")):
             try:
                 fcntl.flock(self._readers, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts this store's own shared lock
@@ -402,12 +402,19 @@ def _rows_in(path: Path) -> int:
 
 def _reader_lock(root: Path):
     """An open file on ``root/.readers`` holding a shared flock (released when it is closed or collected); None
-    where the system has no flock (no compaction there)."""
+    where the system or file system has no flock or the directory is read-only (the store works, compaction not)."""
     if fcntl is None:
         return None
-    root.mkdir(parents=True, exist_ok=True)
-    fh = open(root / READERS, "a+b")  # noqa: SIM115 - lives as long as the store
-    fcntl.flock(fh, fcntl.LOCK_SH)  # waits while a compaction holds it exclusively
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fh = open(root / READERS, "a+b")  # noqa: SIM115 - lives as long as the store
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_SH)  # waits while a compaction holds it exclusively
+    except OSError:  # a file system without flock (some network mounts)
+        fh.close()
+        return None
     return fh
 
 
