@@ -10,6 +10,9 @@ measurement then runs in a fresh process (``--child``) that reports its own peak
   size, from one float32 tensor in RAM (``dense``, the loop's lower bound for the old in-memory cache);
 - ``knn``: ``knn_predict`` (k=1) of ``--queries`` queries against the whole store as gallery;
 - ``gallery``: ``Gallery.build`` from the store (float16 in RAM) and ``refine`` (top 5 cells) of the queries;
+- ``choose_params`` (the smaller store): refinement's validation grid (top_k 1/3/5/10 x 4 temperatures x 1/4
+  neighbours, 32 points) from one gallery search (``choose_params``), against a search per grid point (32
+  ``refine`` calls, how it was chosen before); both must choose the same parameters;
 - ``ddp``: one epoch on the smaller store in 1 process and in 2 gloo processes (``torch.multiprocessing``,
   1 intra-op thread each, same global batch): epoch time and whether the head weights are equal (allclose).
 
@@ -173,6 +176,34 @@ def child(task: str, root: Path, args) -> dict:
         probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         refine(g, q, probs, RefineParams(top_k=5, temperature=0.05, neighbours=1), meta["class_lat"], meta["class_lon"])
         return {"build_s": round(t1 - t0, 2), "seconds": round(time.perf_counter() - t1, 2)}
+    if task == "choose":
+        from geolocate.geo import haversine_km
+        from geolocate.tasks.refine import Gallery, RefineParams, choose_params, refine
+
+        view, meta = load(root)
+        q, lab = queries(meta, args.queries)
+        g = Gallery.build(view, meta["lat"], meta["lon"], meta["labels"], "synthetic", len(meta["centres"]))
+        rng = np.random.default_rng(3)
+        logits = rng.normal(size=(len(q), len(meta["centres"])))
+        logits[np.arange(len(q)), lab] += 3
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        true_lat, true_lon = meta["lat"][rng.integers(0, len(meta["lat"]), len(q))], meta["lon"][rng.integers(0, len(meta["lon"]), len(q))]
+        anchors = meta["class_lat"], meta["class_lon"]
+        grid = dict(grid_k=(1, 3, 5, 10), grid_t=(0.02, 0.05, 0.1, 0.2), grid_n=(1, 4))
+        t0 = time.perf_counter()
+        params, km = choose_params(g, q, probs, true_lat, true_lon, *anchors, **grid)
+        t1 = time.perf_counter()
+        best = None
+        for k in grid["grid_k"]:
+            for t in grid["grid_t"]:
+                for nb in grid["grid_n"]:
+                    la, lo, _ = refine(g, q, probs, RefineParams(k, t, nb), *anchors)
+                    med = float(np.median(haversine_km(true_lat, true_lon, la, lo)))
+                    if best is None or med < best[0] - 1e-9:
+                        best = (med, RefineParams(k, t, nb))
+        t2 = time.perf_counter()
+        return {"one_search_s": round(t1 - t0, 2), "per_point_s": round(t2 - t1, 2), "same_params": best[1] == params,
+                "val_km_diff": abs(best[0] - km), "grid_points": 32}
     if task == "ddp":
         import torch
         import torch.multiprocessing as mp
@@ -239,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     sizes = sorted(args.sizes)
-    rows, search, ddp = [], [], {}
+    rows, search, ddp, choose = [], [], {}, {}
     t_all = time.perf_counter()
     try:
         for n in sizes:
@@ -259,6 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
                     search.append({"task": task, "gallery": n, "queries": args.queries, "seconds": r["seconds"],
                                    "build_s": r.get("build_s"), "peak_rss_mb": r["peak_rss_mb"]})
             if n == sizes[0]:
+                r = run_child("choose", root, args)
+                choose = {"gallery": n, "queries": args.queries, **{k: r[k] for k in ("one_search_s", "per_point_s", "same_params",
+                                                                                     "val_km_diff", "grid_points")},
+                          "peak_rss_mb": r["peak_rss_mb"]}
                 r = run_child("ddp", root, args)
                 ddp = {"embeddings": n, "batch_size": args.batch_size, "epoch_s_1_process": r["1"]["epoch_s"],
                        "epoch_s_2_processes": r["2"]["epoch_s"], "peak_rss_mb_1": r["1"]["peak_rss_mb"],
@@ -273,13 +308,16 @@ def main(argv: list[str] | None = None) -> dict:
     headline += [{"name": f"peak RSS, head epoch, {r['embeddings']:,} ({r['features']})", "value": r["peak_rss_mb"], "unit": "MB"} for r in rows]
     headline += [{"name": f"{s['task']} {s['queries']:,} queries x {s['gallery']:,} gallery", "value": s["seconds"], "unit": "s"} for s in search]
     headline += [{"name": f"peak RSS, {s['task']} over {s['gallery']:,}", "value": s["peak_rss_mb"], "unit": "MB"} for s in search]
+    if choose:
+        headline += [{"name": f"choose_params {choose['queries']:,} queries x {choose['gallery']:,} gallery: one search", "value": choose["one_search_s"], "unit": "s"},
+                     {"name": f"choose_params {choose['queries']:,} queries x {choose['gallery']:,} gallery: a search per grid point", "value": choose["per_point_s"], "unit": "s"}]
     if ddp:
         headline += [{"name": f"DDP epoch {ddp['embeddings']:,}: 1 process", "value": ddp["epoch_s_1_process"], "unit": "s"},
                      {"name": f"DDP epoch {ddp['embeddings']:,}: 2 gloo processes", "value": ddp["epoch_s_2_processes"], "unit": "s"},
                      {"name": "DDP head weights equal to 1 process (allclose)", "value": ddp["weights_equal"], "unit": ""}]
     result = {
         "what": f"synthetic {args.dim}-d embeddings, {args.classes} cells, batch {args.batch_size}; peak RSS per fresh process",
-        "headline": headline, "head": rows, "search": search, "ddp": ddp,
+        "headline": headline, "head": rows, "search": search, "choose_params": choose, "ddp": ddp,
         "target_peak_rss_mb_1m": 8000, "meets_target": bool(big) and big[0]["peak_rss_mb"] < 8000,
         "seconds": round(time.perf_counter() - t_all, 1),
     }

@@ -188,3 +188,59 @@ def test_a_regressed_point_is_used_only_where_it_beats_the_anchor_on_validation(
             assert p.point == ("regressed" if flag else "cell")
             if not flag:
                 assert (p.lat, p.lon) == (p.top[0].lat, p.top[0].lon)
+
+
+def test_choosing_from_one_search_gives_every_grid_point_refine_gives():
+    """choose_params searches the gallery once (largest top_k and neighbours) and reads every grid point off it:
+    each point's answers are refine's own, cells without items and the fallback included."""
+    from geolocate.geo import haversine_km
+    from geolocate.tasks.refine import candidates, refine_from
+
+    rng = np.random.default_rng(3)
+    g = Gallery.build(rng.normal(size=(400, 16)), rng.uniform(-60, 60, 400), rng.uniform(-180, 180, 400),
+                      rng.integers(0, 20, 400), "f", 22, max_block_bytes=4 * 16 * 50)  # classes 20, 21: no items
+    q = rng.normal(size=(80, 16)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(22) * 0.3, 80)
+    probs[:4, 20:] += 5  # their top cells hold no item
+    probs /= probs.sum(1, keepdims=True)
+    true_lat, true_lon = rng.uniform(-60, 60, 80), rng.uniform(-180, 180, 80)
+    anchors = rng.uniform(-50, 50, 22), rng.uniform(-170, 170, 22)
+    fallback = rng.uniform(-50, 50, 80), rng.uniform(-170, 170, 80)
+    grid = dict(grid_k=(1, 3, 5, 10), grid_t=(0.02, 0.1, 0.5), grid_n=(1, 4))
+    cands = candidates(g, q, probs, 10, 4)
+    assert cands.top.shape == (80, 10) and cands.cos.shape == (80, 10, 4)
+    assert np.array_equal(cands.top[:, 0], probs.argmax(1)) and (np.diff(np.maximum(cands.cos, -9), axis=2) <= 0).all()
+    assert np.isinf(cands.cos[:4, :2]).all() and (cands.idx[:4, :2] == -1).all()  # the two empty cells
+    brute = []
+    for k in grid["grid_k"]:
+        for t in grid["grid_t"]:
+            for nb in grid["grid_n"]:
+                p = RefineParams(k, t, nb)
+                la, lo, idx = refine(g, q, probs, p, *anchors, fallback=fallback)
+                la2, lo2, idx2 = refine_from(g, cands, p, probs, *anchors, fallback=fallback)
+                # the same items; averaged points up to the float32 order of the similarities' sums: 1 ulp of a
+                # cosine over T = 0.02 moves a mean of items thousands of km apart (random places) by metres
+                assert np.array_equal(idx, idx2) and np.allclose(la, la2, atol=1e-3) and np.allclose(lo, lo2, atol=1e-3)
+                if nb == 1:
+                    assert np.array_equal(la, la2) and np.array_equal(lo, lo2)
+                if k == 1:
+                    assert (idx[:4] == -1).all() and np.array_equal(la[:4], fallback[0][:4])  # fall back when no item
+                brute.append((float(np.median(haversine_km(true_lat, true_lon, la, lo))), p))
+    best = min(brute, key=lambda x: x[0])  # the first of equal medians: grid order
+    params, km = choose_params(g, q, probs, true_lat, true_lon, *anchors, fallback=fallback, **grid)
+    assert params == best[1] and km == pytest.approx(best[0], rel=1e-6)
+    assert len({round(m, 6) for m, _ in brute}) > 5  # the grid points do answer differently
+    with pytest.raises(ValueError, match="from candidates of 10 cells, 4 items"):
+        refine_from(g, cands, RefineParams(12, 0.1, 1), probs, *anchors)
+
+
+def test_top_cells_break_ties_by_the_lower_class_even_across_the_kth_place():
+    from geolocate.tasks.refine import top_cells
+
+    p = np.array([[0.2, 0.1, 0.1, 0.1, 0.5], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    assert top_cells(p, 3).tolist() == [[4, 0, 1], [4, 0, 1]]
+    rng = np.random.default_rng(4)
+    many = np.round(rng.dirichlet(np.ones(30), 500), 2)  # many ties, many zeros
+    full = np.argsort(-many, axis=1, kind="stable")
+    for k in (1, 3, 10, 30, 99):
+        assert np.array_equal(top_cells(many, k, rows=64), full[:, :min(k, 30)])

@@ -104,6 +104,78 @@ class Gallery:
         return g
 
 
+@dc.dataclass
+class Candidates:
+    """What refinement reads of the gallery for each query, for any ``top_k <= k`` and ``neighbours <= m``: its
+    ``k`` most probable cells (most probable first, ties: the lower class) and, in each, its ``m`` most similar
+    items. One search gives every grid point :func:`choose_params` tries."""
+    top: np.ndarray   # (n, k) class indices
+    logp: np.ndarray  # (n, k) float64 log-probabilities of those cells (clipped at 1e-12)
+    cos: np.ndarray   # (n, k, m) float32 cosine similarities, most similar first; -inf where a cell has fewer items
+    idx: np.ndarray   # (n, k, m) int64 gallery indices, -1 there
+
+    @property
+    def k(self) -> int:
+        return self.top.shape[1]
+
+    @property
+    def m(self) -> int:
+        return self.cos.shape[2]
+
+
+def top_cells(probs: np.ndarray, k: int, rows: int = 8192) -> np.ndarray:
+    """(n, k) each row's ``k`` most probable classes, most probable first, ties broken by the lower class, exactly
+    (also where ties straddle the k-th place): so the first ``j`` columns are the top ``j`` for every ``j <= k``.
+    A partition per row, ``rows`` rows at a time (never a full sort of every class)."""
+    probs = np.asarray(probs)
+    n, c = probs.shape
+    k = max(1, min(int(k), c))
+    out = np.empty((n, k), np.int64)
+    for s in range(0, n, rows):
+        p = probs[s:s + rows]
+        kth = -np.partition(-p, k - 1, axis=1)[:, k - 1:k]            # the k-th largest value of each row
+        greater, equal = p > kth, p == kth
+        need = k - greater.sum(1, keepdims=True)                        # places left for the values equal to it
+        mask = greater | (equal & (np.cumsum(equal, axis=1) <= need))   # ... taken by the lowest classes
+        idx = np.nonzero(mask)[1].reshape(len(p), k)                     # exactly k per row, in class order
+        order = np.lexsort((idx, -np.take_along_axis(p, idx, 1)), axis=1)
+        out[s:s + rows] = np.take_along_axis(idx, order, 1)
+    return out
+
+
+def candidates(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, k: int, m: int,
+               max_block_bytes: int = 128 << 20) -> Candidates:
+    """The :class:`Candidates` of ``query_feats`` (cell probabilities ``probs``): their top ``k`` cells
+    (:func:`top_cells`) searched for the ``m`` most similar items each (:func:`best_in_cells`)."""
+    top = top_cells(probs, k)
+    logp = np.log(np.clip(np.take_along_axis(np.asarray(probs, np.float64), top, 1), 1e-12, None))
+    return Candidates(top, logp, *best_in_cells(gallery, query_feats, top, m, max_block_bytes))
+
+
+def best_in_cells(gallery: Gallery, query_feats: np.ndarray, top: np.ndarray, m: int = 1,
+                  max_block_bytes: int = 128 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(cos (n, k, m) float32, most similar first, -inf where a cell has fewer items; their gallery indices, -1
+    there): each query's ``m`` most similar gallery items in each of its cells ``top`` (n, k).
+
+    Searched cell by cell (:func:`cell_blocks`): the queries that name cell ``c`` against the items of ``c`` only,
+    with a running best ``m`` per (query, cell). That is ``k / cells`` of a dense search's work and memory, and a
+    1M-item gallery needs no float32 copy. Refinement and feature reranking both search this way."""
+    from ..evaluation.baselines import merge_top
+
+    n, k = top.shape
+    m = max(1, min(int(m), max(len(gallery), 1)))
+    q = normalised(np.nan_to_num(query_feats))
+    cos = np.full((n, k, m), -np.inf, np.float32)
+    idx = np.full((n, k, m), -1, np.int64)
+    for _c, qq, slots, gidx, g in cell_blocks(gallery, top, max_block_bytes):
+        sim = q[qq] @ g.T                                                   # (b, items of c in this block)
+        mb = min(m, len(gidx))
+        part = np.argpartition(-sim, mb - 1, axis=1)[:, :mb]
+        cos[qq, slots], idx[qq, slots] = merge_top(cos[qq, slots], idx[qq, slots], np.take_along_axis(sim, part, axis=1),
+                                                   gidx[part], m)
+    return cos, idx
+
+
 def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params: RefineParams = RefineParams(),
            anchor_lat: np.ndarray | None = None, anchor_lon: np.ndarray | None = None,
            max_block_bytes: int = 128 << 20, fallback: tuple[np.ndarray, np.ndarray] | None = None
@@ -111,26 +183,25 @@ def refine(gallery: Gallery, query_feats: np.ndarray, probs: np.ndarray, params:
     """(lat, lon, gallery index or -1) per query; -1 where no gallery item lies in the top cells, and the query
     keeps its ``fallback`` point (the head's own answer, per query) or else the anchor of its top-1 cell.
 
-    Only the items of a query's top cells can win, so the search runs cell by cell: the queries that have cell
-    ``c`` among their top ``top_k`` against the items of ``c`` (blocks of at most ``max_block_bytes`` of float32
-    rows and of scores), with a running best ``neighbours`` per query. That is ``top_k / cells`` of a dense search's
-    work and memory, and a 1M-item gallery needs no float32 copy.
+    Only the items of a query's top cells can win, so the search runs cell by cell (:func:`candidates`).
     """
-    from ..evaluation.baselines import merge_top
+    cands = candidates(gallery, query_feats, probs, params.top_k, params.neighbours, max_block_bytes)
+    return refine_from(gallery, cands, params, probs, anchor_lat, anchor_lon, fallback)
 
-    n, N = len(query_feats), len(gallery)
-    q = normalised(query_feats)
-    logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, None))
-    k = max(1, min(params.top_k, probs.shape[1]))
-    top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    m = max(1, min(params.neighbours, N)) if N else 1
-    best_s = np.full((n, m), -np.inf)
-    best_i = np.full((n, m), -1, dtype=np.int64)
-    for c, qq, _, gidx, g in cell_blocks(gallery, top, max_block_bytes):
-        mb = min(m, len(gidx))
-        score = logp[qq, c][:, None] + (q[qq] @ g.T) / params.temperature   # (b, items of c)
-        part = np.argpartition(-score, mb - 1, axis=1)[:, :mb]
-        best_s[qq], best_i[qq] = merge_top(best_s[qq], best_i[qq], np.take_along_axis(score, part, axis=1), gidx[part], m)
+
+def refine_from(gallery: Gallery, cands: Candidates, params: RefineParams, probs: np.ndarray,
+                anchor_lat: np.ndarray | None = None, anchor_lon: np.ndarray | None = None,
+                fallback: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`refine`'s answer from searched :class:`Candidates` (of at least ``params.top_k`` cells and
+    ``params.neighbours`` items each): every item of the top cells scores ``log p(cell) + cos / temperature``."""
+    k, m = min(params.top_k, probs.shape[1]), max(1, min(params.neighbours, len(gallery))) if len(gallery) else 1
+    if k > cands.k or m > cands.m:
+        raise ValueError(f"refinement with top_k {k}, neighbours {m} from candidates of {cands.k} cells, {cands.m} items")
+    n = len(cands.top)
+    score = (cands.logp[:, :k, None] + cands.cos[:, :k, :m] / params.temperature).reshape(n, k * m)
+    gidx = cands.idx[:, :k, :m].reshape(n, k * m)
+    order = np.lexsort((gidx, -score), axis=1)[:, :m]                  # best first; ties: the lower gallery index
+    best_s, best_i = np.take_along_axis(score, order, 1), np.take_along_axis(gidx, order, 1)
     out_lat, out_lon = np.full(n, np.nan), np.full(n, np.nan)
     out_idx = np.full(n, -1, dtype=np.int64)
     ok = np.isfinite(best_s[:, 0])
@@ -166,7 +237,7 @@ def cell_blocks(gallery: Gallery, top: np.ndarray, max_block_bytes: int = 128 <<
     names, in blocks of at most ``max_block_bytes`` of gallery rows and of (query x item) scores.
 
     Only a query's own candidate cells are ever compared with it: ``k / cells`` of a dense search's work and memory,
-    and a 1M-item gallery needs no float32 copy. Refinement and feature reranking both search this way.
+    and a 1M-item gallery needs no float32 copy (:func:`best_in_cells` reads it).
     """
     n, k = top.shape
     order = np.argsort(gallery.labels, kind="stable")                 # the items of each cell, contiguous
@@ -216,15 +287,19 @@ def _to_latlon(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def choose_params(gallery: Gallery, val_feats, val_probs, val_lat, val_lon, anchor_lat, anchor_lon,
                   grid_k=(1, 3, 5, 10), grid_t=(0.02, 0.05, 0.1, 0.2), grid_n=(1, 4),
                   fallback: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[RefineParams, float]:
-    """The parameters with the lowest validation median error (ties: the first in grid order); (params, its km)."""
+    """The parameters with the lowest validation median error (ties: the first in grid order); (params, its km).
+
+    The gallery is searched once, for the grid's largest ``top_k`` and ``neighbours`` (:func:`candidates`); every
+    grid point is then read off that search (:func:`refine_from`), the same answers as :func:`refine` with it."""
     from ..geo import haversine_km
 
     best: tuple[float, RefineParams] | None = None
+    cands = candidates(gallery, val_feats, val_probs, max(grid_k), max(grid_n))  # one search for the whole grid
     for k in grid_k:
         for t in grid_t:
             for nb in grid_n:
                 p = RefineParams(k, t, nb)
-                la, lo, _ = refine(gallery, val_feats, val_probs, p, anchor_lat, anchor_lon, fallback=fallback)
+                la, lo, _ = refine_from(gallery, cands, p, val_probs, anchor_lat, anchor_lon, fallback=fallback)
                 med = float(np.median(haversine_km(val_lat, val_lon, la, lo)))
                 if best is None or med < best[0] - 1e-9:
                     best = (med, p)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..geo import haversine_km
 from ..registry import Registry
-from .refine import Gallery, cell_blocks, normalised
+from .refine import Gallery, best_in_cells, top_cells
 
 RERANKERS = Registry("reranker")
 DEFAULT_ORDER = ("prior", "smooth", "feature")
@@ -71,14 +71,6 @@ class Reranker:
         raise NotImplementedError
 
 
-def _top(probs: np.ndarray, k: int) -> np.ndarray:
-    """Indices of each row's ``k`` most probable cells, most probable first (ties: lower index)."""
-    k = max(1, min(k, probs.shape[1]))
-    part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    order = np.lexsort((part, -np.take_along_axis(probs, part, 1)), axis=1)
-    return np.take_along_axis(part, order, 1)
-
-
 def _put_top(probs: np.ndarray, top: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """``probs`` with the ``top`` cells' mass redistributed in proportion to ``scores`` (>= 0, per row)."""
     out = probs.copy()
@@ -110,7 +102,7 @@ class SmoothRerank(Reranker):
 
     @classmethod
     def apply(cls, probs, ctx, state=None, k: int = 10, tau_km: float = 250.0):
-        top = _top(probs, k)
+        top = top_cells(probs, k)
         la, lo = ctx.class_lat[top], ctx.class_lon[top]                                  # (n, k)
         d = haversine_km(la[:, :, None], lo[:, :, None], la[:, None, :], lo[:, None, :])  # (n, k, k)
         mass = np.take_along_axis(probs, top, 1)
@@ -127,7 +119,7 @@ class FeatureRerank(Reranker):
     @classmethod
     def prepare(cls, probs, ctx):
         """(the top ``K_MAX`` cells per query, most probable first; the best cosine similarity in each)."""
-        return cell_similarity(ctx.gallery, ctx.feats, _top(probs, cls.K_MAX))
+        return cell_similarity(ctx.gallery, ctx.feats, top_cells(probs, cls.K_MAX))
 
     @classmethod
     def apply(cls, probs, ctx, state=None, k: int = 5, beta: float = 10.0, gate: float = 0.5):
@@ -163,12 +155,9 @@ class TemperatureRerank(Reranker):
 
 def cell_similarity(gallery: Gallery, feats: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(``top``, the highest cosine similarity of each query to the gallery items of each of its ``top`` cells;
-    -inf where a cell has none), searched cell by cell (:func:`geolocate.tasks.refine.cell_blocks`)."""
-    q = normalised(np.nan_to_num(feats))
-    sim = np.full(top.shape, -np.inf)
-    for _c, qq, slots, _gidx, g in cell_blocks(gallery, top):
-        sim[qq, slots] = np.maximum(sim[qq, slots], (q[qq] @ g.T).max(1))
-    return top, sim
+    -inf where a cell has none), searched cell by cell (:func:`geolocate.tasks.refine.best_in_cells`)."""
+    cos, _ = best_in_cells(gallery, feats, top, 1)
+    return top, cos[..., 0].astype(np.float64)
 
 
 @dc.dataclass(frozen=True)
