@@ -145,6 +145,12 @@ def test_cli_csv_is_validated_and_never_overwritten_without_force(trained, photo
     (folder / "broken.jpg").unlink()
     r = runner.invoke(app, ["predict", str(folder), "--model", str(model), "--csv", str(out), "--force"])
     assert r.exit_code == 0 and validate_submission(out, 3) == 3
+    # an answer file cannot abstain: the answers below --min-confidence are counted, and still written
+    r = runner.invoke(app, ["predict", str(folder), "--model", str(model), "--csv", str(out), "--force", "--min-confidence", "1"])
+    assert r.exit_code == 0 and validate_submission(out, 3) == 3
+    assert "3 of 3 answers are below --min-confidence 100.0%" in r.output.replace("\n", " "), r.output
+    r = runner.invoke(app, ["predict", str(folder), "--model", str(model), "--csv", str(out), "--force", "--min-confidence", "0"])
+    assert r.exit_code == 0 and "below --min-confidence" not in r.output
     # two images with one id (a camera's folders both hold DSCN0010.jpg): refused before anything is predicted
     before = out.read_text()
     (folder / "100CAMERA").mkdir()

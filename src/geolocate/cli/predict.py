@@ -78,13 +78,14 @@ def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_ou
     rows: list[dict] = []
 
     geo = load_geolocator(model, engine, ensemble, tta)
-    ok = bad = 0
+    ok = bad = abstained = 0
     with progress_bar("predict", len(paths)) if len(paths) > 1 else contextlib.nullcontext(lambda *a, **k: None) as advance:
         for first, p in zip(firsts, geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths)):
             advance()
             apply_min_confidence(p, min_confidence)
             if csv_path is not None:
                 rows.append(submission_row(first.stem, p))
+                abstained += bool(p.abstained)
             for d in p.dropped if not p.error else ():
                 err_console.print(tagged("warning", f"{p.source}: view dropped: {d}"), highlight=False, soft_wrap=True)
             if p.error:
@@ -135,6 +136,10 @@ def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_ou
             fail(str(e))
         err_console.print(f"wrote {csv_path} ({len(rows)} rows: id, region_1..region_5, lat, lon)", markup=False, highlight=False,
                           soft_wrap=True)
+        if abstained:  # the answer file has no way to abstain: say how many of its answers the threshold would withhold
+            err_console.print(tagged("note", f"{abstained} of {len(rows)} answers are below --min-confidence "
+                                     f"{100 * min_confidence:.1f}%; they are in {csv_path} all the same (it needs one answer "
+                                     "per image): --json marks each one \"abstained\""), highlight=False, soft_wrap=True)
     return ok, bad
 
 
