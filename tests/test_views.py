@@ -335,6 +335,41 @@ def test_fused_run_trains_on_samples_and_its_model_file_rebuilds_the_fusion(fuse
     assert ds[where[pred["id"][0]]]["view_mask"].tolist() == [False, True, True, True]
 
 
+def test_tta_on_a_fused_sample_fuses_each_transform_of_its_views_then_combines_them(fused_run):
+    """With TTA a fused model's sample is fused once per test-time transform (that transform of every view, each
+    in its slot, a missing one masked), and those answers are combined with the view combiner: the same as the
+    model itself on each transform's images."""
+    from geolocate.index import load_index
+    from geolocate.serving import Geolocator
+    from geolocate.tasks.combine import combine
+    from geolocate.tta import tta_transforms
+
+    cfg, run_dir = fused_run
+    model_path = run_dir / "checkpoints" / "model.pt"
+    df, _, _ = load_index(cfg)
+    samples = group_views(df)
+    paths = df["path"].to_list()
+    groups = [[paths[r] for r in samples.rows[i]] for i in range(3)]
+    model, _ = load_model(model_path)
+    geo = Geolocator.from_pretrained(model_path, engine="torch")
+    plain = geo.predict(groups, top_k=3)
+    geo.tta = True
+    got = geo.predict(groups + [groups[0][:1] + [None, groups[0][2], groups[0][3]]], top_k=3)
+    transforms = tta_transforms("aerial")
+    for g, p, before in zip(groups + [groups[0]], got, plain + [plain[0]]):
+        mask = torch.tensor([[True, False, True, True]]) if p is got[-1] else torch.ones(1, 4, dtype=torch.bool)
+        per_t = []
+        for t in transforms:
+            images = torch.from_numpy(np.stack([model.preprocess.load(v, transform=t)[0] for v in g]))
+            with torch.no_grad():
+                per_t.append(model.decode(images[None], mask).probabilities[0].double().numpy())
+        expect = combine(geo.view_combiner, np.stack(per_t))
+        assert p.error is None and [c.cell for c in p.top] == [geo.classes[i]["cell"] for i in np.argsort(-expect)[:3]]
+        assert p.confidence == pytest.approx(float(expect.max()), abs=2e-3)
+        assert p.confidence != pytest.approx(before.confidence, abs=1e-6) or p is got[-1]  # the transforms did change it
+    assert len(got[-1].dropped) == 1 and len(got[-1].views) == 3
+
+
 @pytest.mark.parametrize("engine", ["onnx", "torch"])
 def test_the_predictor_fuses_a_samples_views_with_the_models_own_fusion(fused_run, engine, tmp_path):
     """``Geolocator.predict([[N, E, S, W], ...])`` with a fused model answers as the run did on its test samples (the

@@ -350,6 +350,7 @@ class Geolocator:
         arrays = ViewArrays(x for a, _ in parts if a is not None for x in (a if isinstance(a, list) else [a]))  # TTA: views of views
         arrays.slots = [i for i, (a, _) in enumerate(parts) if a is not None]   # each decoded view's place in the sample
         arrays.firsts = [a[0] if isinstance(a, list) else a for a, _ in parts if a is not None]  # without TTA's extra views
+        arrays.per_view = [a if isinstance(a, list) else [a] for a, _ in parts if a is not None]  # each view's TTA views
         arrays.given = len(items)
         if not items:
             pred.error = f"{label or '<sample>'}: a sample with no views"
@@ -467,25 +468,43 @@ class Geolocator:
         return [i for i, _ in ok], cat(1), cat(2), cat(3)
 
     def _fused_evidence(self, samples: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """A fused model's (probabilities, features, points) of samples (single arrays or :class:`ViewArrays`): every
-        view through the backbone once, each sample's views placed in their slots (the order they were given) and
-        fused by the model's own fusion, then its head. TTA's extra views are not fused (warned once)."""
-        views = [[x] if isinstance(x, np.ndarray) else list(x.firsts) for x in samples]
-        if self.tta and any(isinstance(x, ViewArrays) and len(x) != len(x.firsts) for x in samples):
-            self._warn_once("test-time augmentation is not applied to a fused multi-view sample: its views are fused as given")
-        out = self.engine.run(np.stack([v for vs in views for v in vs]))
-        raw = out["view_features"]
+        """A fused model's (probabilities, features, points) of samples (single arrays, a single image's TTA views,
+        or :class:`ViewArrays`): every array through the backbone once, each sample's views placed in their slots
+        (the order they were given) and fused by the model's own fusion, then its head. With TTA, the sample is
+        fused once per test-time transform (transform ``t`` of every view in its slot) and those answers are
+        combined like the views of a plain model's sample (``view_combiner``; mean features, spherical mean of points)."""
+        from ..tasks.combine import combine, mean_features, mean_points
+
+        def layout(x) -> tuple[list[int], list[list[np.ndarray]]]:  # (slots, each view's arrays: one per transform)
+            if isinstance(x, ViewArrays):
+                return x.slots, x.per_view
+            return [0], [[x] if isinstance(x, np.ndarray) else list(x)]  # one image (a list: its TTA views)
+
+        layouts = [layout(x) for x in samples]
+        flat, where = [], []  # every array once; where[j][v][t]: the row of sample j's view v under transform t
+        for _, per_view in layouts:
+            w = []
+            for arrs in per_view:
+                w.append(list(range(len(flat), len(flat) + len(arrs))))
+                flat.extend(arrs)
+            where.append(w)
+        raw = self.engine.run(np.stack(flat))["view_features"]
         slots = len(self.fusion_slots)
-        vf = np.zeros((len(samples), slots, raw.shape[1]), np.float32)
-        mask = np.zeros((len(samples), slots), bool)
-        pos = 0
-        for j, (x, vs) in enumerate(zip(samples, views)):
-            where = [0] if isinstance(x, np.ndarray) else x.slots
-            vf[j, where] = raw[pos:pos + len(vs)]
-            mask[j, where] = True
-            pos += len(vs)
+        rows = [(j, t) for j, (_, per_view) in enumerate(layouts) for t in range(max(len(a) for a in per_view))]
+        vf = np.zeros((len(rows), slots, raw.shape[1]), np.float32)
+        mask = np.zeros((len(rows), slots), bool)
+        for r, (j, t) in enumerate(rows):
+            for slot, w in zip(layouts[j][0], where[j]):
+                vf[r, slot], mask[r, slot] = raw[w[min(t, len(w) - 1)]], True
         fused = self.engine.run_views(vf, mask)
-        return fused["probabilities"], fused.get("features") if self._wants_features else None, fused.get("point")
+        probs, feats, points = fused["probabilities"], fused.get("features") if self._wants_features else None, fused.get("point")
+        if len(rows) == len(samples):  # no TTA: one fused row per sample
+            return probs, feats, points
+        owner = np.array([j for j, _ in rows])
+        spans = [np.flatnonzero(owner == j) for j in range(len(samples))]
+        return (np.stack([combine(self.view_combiner, probs[s]) for s in spans]),
+                None if feats is None else np.stack([mean_features(feats[s]) for s in spans]),
+                None if points is None else np.stack([mean_points(points[s]) for s in spans]))
 
     def _answer(self, preds: list[Prediction], probs: np.ndarray, feats: np.ndarray | None, top_k: int,
                 regressed: np.ndarray | None = None) -> list[Prediction]:
