@@ -126,3 +126,14 @@ def test_true_latlon_needs_exactly_one_image(trained, photos_dir):
     _, _, model = trained
     r = runner.invoke(app, ["predict", str(photos_dir), "--model", str(model), "--true-lat", "1", "--true-lon", "2"])
     assert r.exit_code == 2 and "describe one image" in r.output
+
+
+def test_the_cli_choices_are_the_libraries_own():
+    """The typer enums of --engine and --ensemble list exactly what the predictor and the ensemble accept, so a
+    new engine or method is offered (and an old one withdrawn) on the command line too."""
+    from geolocate.cli.predict import Engine, EnsembleMethod
+    from geolocate.serving.predictor import ENGINES
+    from geolocate.tasks.combine import ENSEMBLE_METHODS
+
+    assert [e.value for e in Engine] == list(ENGINES)
+    assert [e.value for e in EnsembleMethod] == list(ENSEMBLE_METHODS)
