@@ -147,6 +147,12 @@ def test_cli_views_and_manifest(trained, photos_dir, tmp_path):
     assert [len(x["views"]) for x in rows] == [2, 0, 0] and rows[0]["true_lat"] == 39.95 and rows[0]["error_km"] > 0
     assert rows[1]["error"] is None and rows[2]["error"] and "gone.jpg" in rows[2]["error"]
     assert "2 predicted, 1 failed" in r.output
+    # as an answer CSV: one row per group, named by the group
+    ok_m = tmp_path / "ok.csv"
+    ok_m.write_text("\n".join(m.read_text().splitlines()[:-1]) + "\n")
+    r = runner.invoke(app, ["predict", "--manifest", str(ok_m), "--model", model, "--csv", str(tmp_path / "answer.csv")])
+    assert r.exit_code == 0, r.output
+    assert [x.split(",")[0] for x in (tmp_path / "answer.csv").read_text().splitlines()[1:]] == ["place-1", "place-2"]
     r = runner.invoke(app, ["predict", str(photos_dir / PHOTO), "--manifest", str(m), "--model", model])
     assert r.exit_code == 2 and "not both" in r.output
 

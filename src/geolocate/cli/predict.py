@@ -55,11 +55,22 @@ def load_geolocator(model: Path | list[Path], engine: str = "auto", ensemble: st
     return geo
 
 
+def _first_view(sample) -> Path:
+    """The path that names a sample: itself, or the first view of a list or of a {view name: path} mapping."""
+    if isinstance(sample, dict):
+        sample = next(iter(sample.values()), "")
+    if isinstance(sample, (list, tuple)):
+        sample = sample[0] if sample else ""
+    return Path(sample)
+
+
 def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_out: bool = False, truths=None, batch_size: int = 32,
                   engine: str = "auto", min_confidence: float | None = None, csv_path: Path | None = None,
-                  force: bool = False, ensemble: str = "average", tta: bool = False) -> tuple[int, int]:
+                  force: bool = False, ensemble: str = "average", tta: bool = False,
+                  ids: list[str] | None = None) -> tuple[int, int]:
     """Print predictions (none per image with ``csv_path`` unless ``json_out``: the CSV is the answer); return
-    (ok, failed) counts. An entry of ``paths`` that is a list is one multi-view sample."""
+    (ok, failed) counts. An entry of ``paths`` that is a list (or a {view: path} mapping) is one multi-view sample.
+    ``ids``: each entry's id in the CSV (a manifest's group ids); default the file name of its (first) view."""
     from rich.table import Table
     from rich.text import Text
 
@@ -69,10 +80,11 @@ def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_ou
 
     if csv_path is not None and csv_path.exists() and not force:
         fail(f"{csv_path} exists: give --force to overwrite it")
-    firsts = [Path(p[0] if isinstance(p, list) else p) for p in paths]  # a multi-view sample's id: its first view's
+    firsts = [_first_view(p) for p in paths]
+    ids = list(ids) if ids is not None else [f.stem for f in firsts]  # a multi-view sample's: its first view's
     if csv_path is not None:
         try:
-            check_unique_ids([f.stem for f in firsts], [str(f) for f in firsts])
+            check_unique_ids(ids, [str(f) for f in firsts])
         except SubmissionError as e:
             fail(str(e))
     rows: list[dict] = []
@@ -80,11 +92,11 @@ def predict_paths(model: Path | list[Path], paths: list, top_k: int = 5, json_ou
     geo = load_geolocator(model, engine, ensemble, tta)
     ok = bad = abstained = 0
     with progress_bar("predict", len(paths)) if len(paths) > 1 else contextlib.nullcontext(lambda *a, **k: None) as advance:
-        for first, p in zip(firsts, geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths)):
+        for sample_id, p in zip(ids, geo.predict_iter(paths, top_k=top_k, batch_size=batch_size, truths=truths)):
             advance()
             apply_min_confidence(p, min_confidence)
             if csv_path is not None:
-                rows.append(submission_row(first.stem, p))
+                rows.append(submission_row(sample_id, p))
                 abstained += bool(p.abstained)
             for d in p.dropped if not p.error else ():
                 err_console.print(tagged("warning", f"{p.source}: view dropped: {d}"), highlight=False, soft_wrap=True)
@@ -278,7 +290,7 @@ def register(app: typer.Typer) -> None:
                            else g.paths if len(g.paths) > 1 else g.paths[0] for g in groups]
                 truths = [g.truth for g in groups] if any(g.truth for g in groups) else None
                 ok, bad = predict_paths(models, samples, top_k, json_out, truths, batch_size, engine.value, min_confidence, csv_out,
-                                        force, ensemble.value, tta=tta)
+                                        force, ensemble.value, tta=tta, ids=[str(g.id) for g in groups])
             if bad:
                 raise typer.Exit(EXIT_NONE_PREDICTED if ok == 0 else EXIT_SOME_FAILED)
             return
