@@ -89,7 +89,7 @@ def test_compaction_keeps_every_id_and_its_features_and_frees_the_rest(tmp_path,
     before = store.features(all_ids)
     index_before = (store.index.ids.tolist(), store.index.digests.tolist(), store.index.stamps.tolist())
     files_before = {f.name: f.read_bytes() for f in root.iterdir() if f.is_file()}
-    # another reader has the store open (a run, a server): refused, nothing touched
+    # another reader has the store open (a run, a bench): refused, nothing touched
     with pytest.raises(S.StoreBusy, match="in use by another reader"):
         EmbeddingStore.at(root).compact()
     assert {f.name: f.read_bytes() for f in root.iterdir() if f.is_file()} == files_before

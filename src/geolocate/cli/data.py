@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
     @app.command("cache-compact")
     def cache_compact_command(config: ConfigOpt = None, set_: SetOpt = None):
         """Rewrite each embedding store under data/cache/embeddings/ to the rows its index references (features of
-        changed images, crashed appends and one small shard per run go). A store in use by a run or a server is left
+        changed images, crashed appends and one small shard per run go). A store in use by a run or bench is left
         as it is (exit 1); the ids and features kept are unchanged."""
         cfg = load_config(config, set_)
         if compact_caches(Path(cfg.paths.data_dir) / "cache" / "embeddings"):

@@ -267,7 +267,7 @@ class EmbeddingStore:
                 fcntl.flock(self._readers, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts this store's own shared lock
             except BlockingIOError:
                 fcntl.flock(self._readers, fcntl.LOCK_SH)  # a failed conversion may have dropped the shared lock
-                raise StoreBusy(f"embedding store {self.root}: in use by another reader (a run, a server): "
+                raise StoreBusy(f"embedding store {self.root}: in use by another reader (a run or bench reading its embeddings): "
                                 "not compacted; try again when it is idle") from None
             try:
                 self.index = self._read_index()
