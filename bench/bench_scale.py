@@ -97,6 +97,13 @@ def queries(meta: dict, n: int, seed: int = 1):
     return q.astype(np.float32), lab
 
 
+def cell_probs(lab: np.ndarray, n_cls: int, rng: np.random.Generator) -> np.ndarray:
+    """Random cell probabilities of queries of true classes ``lab``, their own class lifted 3 nats (a head's output)."""
+    logits = rng.normal(size=(len(lab), n_cls))
+    logits[np.arange(len(lab)), lab] += 3
+    return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
 # ---- children ---------------------------------------------------------------------------------------------------------
 def fit_one_epoch(root: Path, mode: str, batch_size: int, ckpt: Path, threads: int = 1) -> tuple[dict, float]:
     import torch
@@ -170,10 +177,7 @@ def child(task: str, root: Path, args) -> dict:
         t0 = time.perf_counter()
         g = Gallery.build(view, meta["lat"], meta["lon"], meta["labels"], "synthetic", len(meta["centres"]))
         t1 = time.perf_counter()
-        rng = np.random.default_rng(2)
-        logits = rng.normal(size=(len(q), len(meta["centres"])))
-        logits[np.arange(len(q)), lab] += 3
-        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        probs = cell_probs(lab, len(meta["centres"]), np.random.default_rng(2))
         refine(g, q, probs, RefineParams(top_k=5, temperature=0.05, neighbours=1), meta["class_lat"], meta["class_lon"])
         return {"build_s": round(t1 - t0, 2), "seconds": round(time.perf_counter() - t1, 2)}
     if task == "choose":
@@ -184,9 +188,7 @@ def child(task: str, root: Path, args) -> dict:
         q, lab = queries(meta, args.queries)
         g = Gallery.build(view, meta["lat"], meta["lon"], meta["labels"], "synthetic", len(meta["centres"]))
         rng = np.random.default_rng(3)
-        logits = rng.normal(size=(len(q), len(meta["centres"])))
-        logits[np.arange(len(q)), lab] += 3
-        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        probs = cell_probs(lab, len(meta["centres"]), rng)
         true_lat, true_lon = meta["lat"][rng.integers(0, len(meta["lat"]), len(q))], meta["lon"][rng.integers(0, len(meta["lon"]), len(q))]
         anchors = meta["class_lat"], meta["class_lon"]
         grid = dict(grid_k=(1, 3, 5, 10), grid_t=(0.02, 0.05, 0.1, 0.2), grid_n=(1, 4))
@@ -203,7 +205,7 @@ def child(task: str, root: Path, args) -> dict:
                         best = (med, RefineParams(k, t, nb))
         t2 = time.perf_counter()
         return {"one_search_s": round(t1 - t0, 2), "per_point_s": round(t2 - t1, 2), "same_params": best[1] == params,
-                "val_km_diff": abs(best[0] - km), "grid_points": 32}
+                "val_km_diff": abs(best[0] - km), "grid_points": int(np.prod([len(v) for v in grid.values()]))}
     if task == "ddp":
         import torch
         import torch.multiprocessing as mp

@@ -349,7 +349,6 @@ class Geolocator:
             pred.true_lat, pred.true_lon = known[0].true_lat, known[0].true_lon
         arrays = ViewArrays(x for a, _ in parts if a is not None for x in (a if isinstance(a, list) else [a]))  # TTA: views of views
         arrays.slots = [i for i, (a, _) in enumerate(parts) if a is not None]   # each decoded view's place in the sample
-        arrays.firsts = [a[0] if isinstance(a, list) else a for a, _ in parts if a is not None]  # without TTA's extra views
         arrays.per_view = [a if isinstance(a, list) else [a] for a, _ in parts if a is not None]  # each view's TTA views
         arrays.given = len(items)
         if not items:
@@ -446,17 +445,21 @@ class Geolocator:
                 return self._one_by_one(buf, idx)
             buf[idx[0]][1].error = f"{buf[idx[0]][1].source}: inference failed ({one_line(e)})"
             return [], None, None, None
-        if any(len(g) > 1 for g in groups):
-            from ..tasks.combine import combine, mean_features, mean_points
+        return (idx, *self._combine_runs([len(g) for g in groups], probs, feats, points))
 
-            bounds = np.cumsum([0] + [len(g) for g in groups])
-            spans = list(zip(bounds[:-1], bounds[1:]))
-            probs = np.stack([combine(self.view_combiner, probs[s:e]) for s, e in spans])
-            if feats is not None:
-                feats = np.stack([mean_features(feats[s:e]) for s, e in spans])
-            if points is not None:
-                points = np.stack([mean_points(points[s:e]) for s, e in spans])
-        return idx, probs, feats, points
+    def _combine_runs(self, counts: list[int], probs: np.ndarray, feats: np.ndarray | None,
+                      points: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Consecutive runs of ``counts`` rows (a sample's views, or its test-time views) as one row each: the
+        probabilities by ``view_combiner``, mean features, spherical mean of the points."""
+        if all(c == 1 for c in counts):
+            return probs, feats, points
+        from ..tasks.combine import combine, mean_features, mean_points
+
+        bounds = np.cumsum([0] + list(counts))
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        return (np.stack([combine(self.view_combiner, probs[s:e]) for s, e in spans]),
+                None if feats is None else np.stack([mean_features(feats[s:e]) for s, e in spans]),
+                None if points is None else np.stack([mean_points(points[s:e]) for s, e in spans]))
 
     def _one_by_one(self, buf: list[tuple], idx: list[int]):
         """:meth:`_evidence` of each sample alone (after a batch failed): the failures become their samples' errors."""
@@ -472,9 +475,7 @@ class Geolocator:
         or :class:`ViewArrays`): every array through the backbone once, each sample's views placed in their slots
         (the order they were given) and fused by the model's own fusion, then its head. With TTA, the sample is
         fused once per test-time transform (transform ``t`` of every view in its slot) and those answers are
-        combined like the views of a plain model's sample (``view_combiner``; mean features, spherical mean of points)."""
-        from ..tasks.combine import combine, mean_features, mean_points
-
+        combined like the views of a plain model's sample (:meth:`_combine_runs`)."""
         def layout(x) -> tuple[list[int], list[list[np.ndarray]]]:  # (slots, each view's arrays: one per transform)
             if isinstance(x, ViewArrays):
                 return x.slots, x.per_view
@@ -490,21 +491,16 @@ class Geolocator:
             where.append(w)
         raw = self.engine.run(np.stack(flat))["view_features"]
         slots = len(self.fusion_slots)
-        rows = [(j, t) for j, (_, per_view) in enumerate(layouts) for t in range(max(len(a) for a in per_view))]
+        runs = [max(len(a) for a in per_view) for _, per_view in layouts]  # fused rows per sample: one per transform
+        rows = [(j, t) for j, n in enumerate(runs) for t in range(n)]
         vf = np.zeros((len(rows), slots, raw.shape[1]), np.float32)
         mask = np.zeros((len(rows), slots), bool)
         for r, (j, t) in enumerate(rows):
             for slot, w in zip(layouts[j][0], where[j]):
                 vf[r, slot], mask[r, slot] = raw[w[min(t, len(w) - 1)]], True
         fused = self.engine.run_views(vf, mask)
-        probs, feats, points = fused["probabilities"], fused.get("features") if self._wants_features else None, fused.get("point")
-        if len(rows) == len(samples):  # no TTA: one fused row per sample
-            return probs, feats, points
-        owner = np.array([j for j, _ in rows])
-        spans = [np.flatnonzero(owner == j) for j in range(len(samples))]
-        return (np.stack([combine(self.view_combiner, probs[s]) for s in spans]),
-                None if feats is None else np.stack([mean_features(feats[s]) for s in spans]),
-                None if points is None else np.stack([mean_points(points[s]) for s in spans]))
+        return self._combine_runs(runs, fused["probabilities"], fused.get("features") if self._wants_features else None,
+                                  fused.get("point"))
 
     def _answer(self, preds: list[Prediction], probs: np.ndarray, feats: np.ndarray | None, top_k: int,
                 regressed: np.ndarray | None = None) -> list[Prediction]:
@@ -653,10 +649,10 @@ class Geolocator:
 
 class ViewArrays(list):
     """The decoded views of one multi-view sample (TTA's views of each view included), with ``slots`` (the place
-    of each decoded view among the sample's given views), ``firsts`` (each decoded view without TTA's extra
-    views) and ``given`` (how many views the sample had)."""
+    of each decoded view among the sample's given views), ``per_view`` (each decoded view's arrays: itself, then
+    TTA's extra views of it) and ``given`` (how many views the sample had)."""
     slots: list[int]
-    firsts: list[np.ndarray]
+    per_view: list[list[np.ndarray]]
     given: int
 
 

@@ -1,7 +1,8 @@
 """The answer CSV of ``geolocate predict DIR --csv out.csv``: ``id, region_1..region_5, lat, lon``.
 
-One row per input image (per group of a ``--manifest``): ``id`` is the file name without its extension (the group id), ``region_k`` the k-th most probable
-region (``CC/admin1``, class probabilities summed per region), ``lat, lon`` the answer point. The file is
+One row per input image (per group of a ``--manifest``): ``id`` is the file name without its extension (the
+group id), ``region_k`` the k-th most probable region (``CC/admin1``, class probabilities summed per region),
+``lat, lon`` the answer point. The file is
 checked before it replaces anything (``validate_submission``): the header, one row per input, unique ids, no
 empty field, finite coordinates in range; each problem is one :class:`SubmissionError` line naming the row.
 Inputs whose ids clash are refused before anything is predicted (:func:`check_unique_ids`).

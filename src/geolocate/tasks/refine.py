@@ -194,7 +194,7 @@ def refine_from(gallery: Gallery, cands: Candidates, params: RefineParams, probs
                 fallback: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`refine`'s answer from searched :class:`Candidates` (of at least ``params.top_k`` cells and
     ``params.neighbours`` items each): every item of the top cells scores ``log p(cell) + cos / temperature``."""
-    k, m = min(params.top_k, probs.shape[1]), max(1, min(params.neighbours, len(gallery))) if len(gallery) else 1
+    k, m = min(params.top_k, probs.shape[1]), max(1, min(params.neighbours, len(gallery)))  # as best_in_cells keeps
     if k > cands.k or m > cands.m:
         raise ValueError(f"refinement with top_k {k}, neighbours {m} from candidates of {cands.k} cells, {cands.m} items")
     n = len(cands.top)
