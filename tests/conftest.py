@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GEOLOCATE_PROGRESS", "0")
 
+import geolocate  # noqa: E402,F401  before any test imports torch: its CPU kernels pinned as in every entry point
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "photos"
 

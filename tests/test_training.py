@@ -326,6 +326,8 @@ def test_threads_are_set_for_training_and_recorded(scripted_run):
     cfg, run, seen = scripted_run
     assert seen == [1] * 6
     assert json.loads((run / "summary.json").read_text())["config"]["threads"] == 1
+    assert json.loads((run / "summary.json").read_text())["config"]["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert "CPU kernels: " + torch.backends.cpu.get_cpu_capability() in (run / "REPORT.md").read_text()
     assert json.loads((run / "config.json").read_text())["train"]["threads"] == 1
 
 
@@ -345,3 +347,36 @@ def test_metrics_docstring_names_a_file_in_the_repository():
     from geolocate.evaluation import metrics
     refs = re.findall(r"[\w/]+\.md", metrics.__doc__)
     assert refs and all((REPO / r).is_file() for r in refs), refs
+
+
+def test_cpu_kernels_are_pinned_before_torch_loads(tmp_path):
+    """``import geolocate`` pins torch's CPU kernels to AVX2 where the CPU has AVX2 + FMA, so an AVX-512 machine
+    trains the same run as an AVX2 one; a value the user set, an already imported torch, or another CPU is left."""
+    import os
+    import subprocess
+    import sys
+
+    from geolocate.runtime import PORTABLE_CPU_KERNELS, cpu_flags, pin_cpu_kernels
+
+    avx512 = tmp_path / "avx512"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512vl\n")
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    env: dict = {}
+    assert pin_cpu_kernels(env, {}, avx512) == "avx2" == PORTABLE_CPU_KERNELS and env == {"ATEN_CPU_CAPABILITY": "avx2"}
+    env = {"ATEN_CPU_CAPABILITY": "avx512"}
+    assert pin_cpu_kernels(env, {}, avx512) is None and env == {"ATEN_CPU_CAPABILITY": "avx512"}  # the user's choice
+    env = {}
+    assert pin_cpu_kernels(env, {"torch": torch}, avx512) is None and env == {}  # too late: torch read it already
+    assert pin_cpu_kernels(env, {}, old) is None and env == {}                 # no AVX2: the machine's own
+    assert pin_cpu_kernels(env, {}, tmp_path / "absent") is None and env == {}  # no /proc/cpuinfo (macOS, Windows)
+
+    # in a fresh interpreter, as every entry point starts: the geolocate import comes first, then torch
+    code = "import geolocate, torch; print(torch.backends.cpu.get_cpu_capability())"
+    clean = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    got = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True).stdout.strip()
+    native = subprocess.run([sys.executable, "-c", code], env=clean | {"ATEN_CPU_CAPABILITY": "default"},
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert native == "DEFAULT"  # the user's value wins
+    if {"avx2", "fma"} <= cpu_flags():
+        assert got == "AVX2"

@@ -177,7 +177,8 @@ def write_report(run_dir: Path, summary: dict, stats: dict) -> None:
         "",
         f"- epochs run: {summary['training']['epochs_run']}, kept epoch (best {summary['config']['monitor']}): "
         f"{summary['training']['best_epoch']}, val median there: {metric('median_km').fmt(summary['training']['best_val_median_km'], unit=True)}, "
-        f"early stop: {summary['training']['stopped_early']}, threads: {summary['config']['threads']}",
+        f"early stop: {summary['training']['stopped_early']}, threads: {summary['config']['threads']}"
+        + (f", CPU kernels: {summary['config']['cpu_kernels']}" if summary['config'].get('cpu_kernels') else ""),
         f"- gate ({gate['metric']} on {gate['split']}): {gm.fmt(gate['value'], unit=True)}, previous best: {gm.fmt(gate['previous'], unit=True)}, "
         f"promoted to models/best.pt: {gate['promoted']}",
         "",

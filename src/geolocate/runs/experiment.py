@@ -361,6 +361,7 @@ def _run_experiment(cfg: Config, resume: str | Path | None, tracker: str | None)
                    "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "device": str(trainer.device),
                    "precision": cfg.train.precision, "world_size": env.world_size, "geo_tau_km": cfg.train.geo_tau_km,
                    "geo_mix_ce": cfg.train.geo_mix_ce, "seed": cfg.train.seed, "threads": torch.get_num_threads(),
+                   "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
                    "monitor": cfg.train.monitor, "monitor_ema": cfg.train.monitor_ema, "patience": cfg.train.patience,
                    "min_epochs": cfg.train.min_epochs, "knn_k": cfg.eval.knn_k,
                    "partial_blocks": cfg.train.partial_blocks if partial else 0,
